@@ -1,0 +1,425 @@
+"""The ParScale transformer: one Qwen2 decoder run on P streams, mixed by a softmax gate.
+
+    x          = embed(tokens)                                  [B, S, H]
+    h_p        = Decoder(x; prefix_p)        for p = 1..P       (jax.vmap over streams;
+                                                                  backbone params broadcast)
+    z_p        = RMSNorm(h_p)                                   per stream
+    w          = softmax(W2 silu(W1 concat_(h,p)(z) + b1) + b2) over P, in float32
+    w          = w (1 - eps) + eps / P                          (eps = parscale_attn_smooth)
+    logits     = lm_head(sum_p w_p z_p)                         once
+
+Inside the decoder each attention layer prepends the stream's own T prefix keys/values
+(not rotated) to the keys/values of the real tokens; real tokens keep positions 0, 1, ...
+P = 1 has no prefix and no aggregator: it is exactly Qwen2.
+
+Params are one pytree with three groups: ``backbone`` (shared by all streams), ``prefix``
+(``k``/``v`` of shape [L, P, nKV, T, hd]) and ``aggregator`` (the gate). Layers are stacked
+on a leading ``layers`` axis (``nn.scan``). Every param and activation carries logical axis
+names (see ``LOGICAL_AXES``) so a mesh is mapped onto them by rules (``sharding.py``).
+
+The KV cache for decoding is an explicit pytree (see :func:`init_cache`): per stream and
+layer the T prefix entries come first, then the tokens.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from parscale_jax.config import ModelConfig
+
+Array = jax.Array
+
+# Logical axis names. Params use the short names; activations the ``activation_`` ones, so
+# that rules can shard a weight's embed dim over fsdp without sharding activations' embed.
+LOGICAL_AXES = (
+    "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "layers", "stream", "prefix",
+    "stream_embed",
+    "activation_batch", "activation_stream", "activation_length", "activation_embed",
+    "activation_heads", "activation_kv_heads", "activation_head_dim", "activation_mlp",
+    "activation_vocab", "activation_kv_length",
+)
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _dtype(d: Any) -> Any:
+    return _DTYPES[d] if isinstance(d, str) else d
+
+
+def _init(std: float, names: tuple[str, ...]):
+    return nn.with_logical_partitioning(nn.initializers.normal(std), names)
+
+
+def _zeros(names: tuple[str, ...]):
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+
+
+def _constrain(x: Array, names: tuple[str, ...]) -> Array:
+    return nn.with_logical_constraint(x, names)
+
+
+# ---- building blocks ---------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """y = x * rsqrt(mean(x^2) + eps) in float32, cast back to x's dtype, times the weight."""
+
+    eps: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+                           (x.shape[-1],), jnp.float32)
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return y.astype(x.dtype).astype(self.dtype) * scale.astype(self.dtype)
+
+
+def rotary(x: Array, positions: Array, theta: float) -> Array:
+    """Rotary embedding, "rotate half" convention. x [B, S, N, hd], positions [B, S]."""
+    hd = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))  # [hd/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, S, hd/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, S, 1, hd]
+    xf = x.astype(jnp.float32)
+    x1, x2 = xf[..., : hd // 2], xf[..., hd // 2:]
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (xf * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with per-stream prefix keys/values and an optional KV cache."""
+
+    cfg: ModelConfig
+    dtype: Any
+    attention_impl: str | None = None
+
+    @nn.compact
+    def __call__(self, x, positions, mask, prefix_kv, cache_kv, cache_index):
+        cfg, hd = self.cfg, self.cfg.hd
+        nH, nKV, std = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.initializer_range
+        dense = functools.partial(nn.DenseGeneral, dtype=self.dtype, param_dtype=jnp.float32)
+        q = dense((nH, hd), use_bias=True, name="q", kernel_init=_init(std, ("embed", "heads", "head_dim")),
+                  bias_init=_zeros(("heads", "head_dim")))(x)
+        k = dense((nKV, hd), use_bias=True, name="k", kernel_init=_init(std, ("embed", "kv_heads", "head_dim")),
+                  bias_init=_zeros(("kv_heads", "head_dim")))(x)
+        v = dense((nKV, hd), use_bias=True, name="v", kernel_init=_init(std, ("embed", "kv_heads", "head_dim")),
+                  bias_init=_zeros(("kv_heads", "head_dim")))(x)
+        q = _constrain(rotary(q, positions, cfg.rope_theta),
+                       ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
+        k = rotary(k, positions, cfg.rope_theta)
+        kv_names = ("activation_batch", "activation_kv_length", "activation_kv_heads", "activation_head_dim")
+
+        new_cache = None
+        if cache_kv is not None:
+            # Cache slots: [T prefix entries | tokens]; this call's tokens go after the
+            # `cache_index` tokens already there. The prefix entries were written by init_cache.
+            ck, cv = cache_kv
+            start = (0, cfg.prefix_len + cache_index, 0, 0)
+            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
+            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
+            new_cache = (ck, cv)
+            keys, values = ck.astype(self.dtype), cv.astype(self.dtype)
+        elif prefix_kv is not None:
+            B = x.shape[0]
+            pk, pv = (jnp.broadcast_to(jnp.swapaxes(a, 0, 1).astype(self.dtype), (B, a.shape[1], nKV, hd))
+                      for a in prefix_kv)  # [nKV, T, hd] -> [B, T, nKV, hd], not rotated
+            keys = jnp.concatenate([pk, k.astype(self.dtype)], axis=1)
+            values = jnp.concatenate([pv, v.astype(self.dtype)], axis=1)
+        else:
+            keys, values = k, v
+        keys, values = _constrain(keys, kv_names), _constrain(values, kv_names)
+
+        out = jax.nn.dot_product_attention(q, keys, values, mask=mask[:, None], scale=hd ** -0.5,
+                                           implementation=self.attention_impl)
+        out = dense(cfg.hidden_size, axis=(-2, -1), use_bias=False, name="o",
+                    kernel_init=_init(std, ("heads", "head_dim", "embed")))(out)
+        return out, new_cache
+
+
+class MLP(nn.Module):
+    """down(silu(gate(x)) * up(x)), no biases."""
+
+    cfg: ModelConfig
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        cfg, std = self.cfg, self.cfg.initializer_range
+        dense = functools.partial(nn.DenseGeneral, dtype=self.dtype, param_dtype=jnp.float32, use_bias=False)
+        gate = dense(cfg.intermediate_size, name="gate", kernel_init=_init(std, ("embed", "mlp")))(x)
+        up = dense(cfg.intermediate_size, name="up", kernel_init=_init(std, ("embed", "mlp")))(x)
+        h = _constrain(nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
+        return dense(cfg.hidden_size, name="down", kernel_init=_init(std, ("mlp", "embed")))(h)
+
+
+class DecoderLayer(nn.Module):
+    """x = x + Attn(RMSNorm(x)); x = x + MLP(RMSNorm(x)). Scanned over layers: (carry, xs) -> (carry, ys)."""
+
+    cfg: ModelConfig
+    dtype: Any
+    attention_impl: str | None = None
+
+    @nn.compact
+    def __call__(self, x, layer_in, ctx):
+        cfg = self.cfg
+        attn_out, new_cache = Attention(cfg, self.dtype, self.attention_impl, name="attn")(
+            RMSNorm(cfg.rms_norm_eps, self.dtype, name="input_norm")(x),
+            ctx["positions"], ctx["mask"], layer_in["prefix"], layer_in["cache"], ctx["cache_index"])
+        x = x + attn_out
+        x = x + MLP(cfg, self.dtype, name="mlp")(RMSNorm(cfg.rms_norm_eps, self.dtype, name="post_attn_norm")(x))
+        x = _constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+        return x, new_cache
+
+
+class Decoder(nn.Module):
+    """All L layers for one stream, stacked with nn.scan (params get a leading `layers` axis)."""
+
+    cfg: ModelConfig
+    dtype: Any
+    remat: str = "none"
+    scan_unroll: int | bool = 1
+    attention_impl: str | None = None
+
+    @nn.compact
+    def __call__(self, x, stream_in, ctx):
+        layer_cls = DecoderLayer
+        if self.remat != "none":
+            layer_cls = nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+        stack = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                        in_axes=(0, nn.broadcast), length=self.cfg.num_hidden_layers,
+                        unroll=self.scan_unroll, metadata_params={nn.PARTITION_NAME: "layers"})
+        return stack(self.cfg, self.dtype, self.attention_impl, name="layers")(x, stream_in, ctx)
+
+
+class Backbone(nn.Module):
+    """Embedding, the shared decoder (vmapped over streams), the final norm and the LM head."""
+
+    cfg: ModelConfig
+    dtype: Any
+    remat: str = "none"
+    scan_unroll: int | bool = 1
+    attention_impl: str | None = None
+    stream_mesh_axis: str | None = None
+
+    def setup(self):
+        cfg = self.cfg
+        self.embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=jnp.float32,
+                              embedding_init=_init(cfg.initializer_range, ("vocab", "embed")))
+        # Streams: the backbone's params are broadcast (variable_axes None), the per-stream
+        # inputs (prefix, cache) are mapped over their leading axis, the embedded tokens are shared.
+        streams = nn.vmap(Decoder, variable_axes={"params": None}, split_rngs={"params": False},
+                          in_axes=(None, 0, None), out_axes=0, axis_size=cfg.parscale_n,
+                          spmd_axis_name=self.stream_mesh_axis)
+        self.decoder = streams(cfg, self.dtype, self.remat, self.scan_unroll, self.attention_impl)
+        self.final_norm = RMSNorm(cfg.rms_norm_eps, self.dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.DenseGeneral(cfg.vocab_size, use_bias=False, dtype=self.dtype,
+                                           param_dtype=jnp.float32,
+                                           kernel_init=_init(cfg.initializer_range, ("embed", "vocab")))
+
+    def __call__(self, tokens, stream_in, ctx):
+        """Per-stream normed final states [P, B, S, H] and the per-stream new cache (or None)."""
+        x = _constrain(self.embed(tokens), ("activation_batch", "activation_length", "activation_embed"))
+        h, new_cache = self.decoder(x, stream_in, ctx)
+        h = _constrain(h, ("activation_stream", "activation_batch", "activation_length", "activation_embed"))
+        return self.final_norm(h), new_cache
+
+    def logits(self, h):
+        if self.cfg.tie_word_embeddings:
+            out = self.embed.attend(h)
+        else:
+            out = self.lm_head(h)
+        return _constrain(out, ("activation_batch", "activation_length", "activation_vocab"))
+
+
+class Prefix(nn.Module):
+    """Per-layer, per-stream prefix keys and values, [L, P, nKV, T, hd] each (never left empty)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self):
+        cfg = self.cfg
+        shape = (cfg.num_hidden_layers, cfg.parscale_n, cfg.num_key_value_heads, cfg.parscale_n_tokens, cfg.hd)
+        names = ("layers", "stream", "kv_heads", "prefix", "head_dim")
+        k = self.param("k", _init(cfg.initializer_range, names), shape, jnp.float32)
+        v = self.param("v", _init(cfg.initializer_range, names), shape, jnp.float32)
+        return k, v
+
+
+class Aggregator(nn.Module):
+    """The softmax gate over streams. z: [P, B, S, H] -> mixed [B, S, H], weights [B, S, P]."""
+
+    cfg: ModelConfig
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, z):
+        cfg = self.cfg
+        P, B, S, H = z.shape
+        # Concatenate in the authors' (h, p) order: feature index h * P + p.
+        cat = jnp.transpose(z, (1, 2, 3, 0)).reshape(B, S, H * P)
+        std = cfg.initializer_range
+        g = nn.DenseGeneral(H, use_bias=True, dtype=self.dtype, param_dtype=jnp.float32, name="gate_in",
+                            kernel_init=_init(std, ("stream_embed", "embed")), bias_init=_zeros(("embed",)))(cat)
+        # Small random output layer: the first gate is near uniform (and every weight gets a gradient).
+        g = nn.DenseGeneral(P, use_bias=True, dtype=self.dtype, param_dtype=jnp.float32, name="gate_out",
+                            kernel_init=_init(std, ("embed", "stream")), bias_init=_zeros(("stream",)))(nn.silu(g))
+        w = jax.nn.softmax(g.astype(jnp.float32), axis=-1)
+        eps = cfg.parscale_attn_smooth
+        w = w * (1.0 - eps) + eps / P
+        mixed = jnp.einsum("pbsh,bsp->bsh", z.astype(jnp.float32), w)
+        return mixed.astype(self.dtype), w
+
+
+class ParScaleLM(nn.Module):
+    """The whole model. ``apply({'params': params}, tokens, attention_mask=None, cache=None)``.
+
+    Returns ``(logits [B, S, V] in the compute dtype, new_cache or None)``.
+    """
+
+    cfg: ModelConfig
+    dtype: Any = jnp.float32
+    remat: str = "none"
+    scan_unroll: int | bool = 1
+    attention_impl: str | None = None
+    stream_mesh_axis: str | None = None
+
+    def setup(self):
+        self.backbone = Backbone(self.cfg, self.dtype, self.remat, self.scan_unroll, self.attention_impl,
+                                 self.stream_mesh_axis)
+        if self.cfg.parscale_n > 1:
+            self.prefix = Prefix(self.cfg)
+            self.aggregator = Aggregator(self.cfg, self.dtype)
+
+    def stream_states(self, tokens, attention_mask=None, cache=None):
+        """Per-stream normed final hidden states [P, B, S, H] (before aggregation), new cache."""
+        cfg = self.cfg
+        B, S = tokens.shape
+        valid = jnp.ones((B, S), bool) if attention_mask is None else attention_mask.astype(bool)
+        T = cfg.prefix_len
+        if cache is None:
+            # Real tokens keep positions 0, 1, ... counting real tokens only (left padding).
+            positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+            i = jnp.arange(S)
+            tok = (i[None, :] <= i[:, None])[None] & valid[:, None, :]
+            tok = tok | jnp.eye(S, dtype=bool)[None]  # a padded query sees itself: no empty rows
+            mask = jnp.concatenate([jnp.ones((B, S, T), bool), tok], axis=-1) if T else tok
+            cache_index = jnp.zeros((), jnp.int32)
+            new_valid = None
+        else:
+            cache_index = cache["index"]
+            seen = jnp.sum(cache["valid"][:, T:], axis=1)  # real tokens already in the cache
+            positions = seen[:, None] + jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+            new_valid = jax.lax.dynamic_update_slice(cache["valid"], valid, (0, T + cache_index))
+            slots = jnp.arange(new_valid.shape[1]) - T  # token index held by each slot
+            q_idx = cache_index + jnp.arange(S)
+            tok = (slots[None, None, :] <= q_idx[None, :, None]) & new_valid[:, None, :]
+            tok = tok | (slots[None, None, :] == q_idx[None, :, None])
+            mask = tok | (slots < 0)[None, None, :]
+        stream_in = {
+            "prefix": self.prefix() if cfg.parscale_n > 1 and cache is None else None,
+            "cache": (cache["k"], cache["v"]) if cache is not None else None,
+        }
+        if stream_in["prefix"] is not None:  # [L, P, ...] -> [P, L, ...] for the stream vmap
+            stream_in["prefix"] = tuple(jnp.swapaxes(a, 0, 1) for a in stream_in["prefix"])
+        ctx = {"positions": positions, "mask": mask, "cache_index": cache_index}
+        z, kv = self.backbone(tokens, stream_in, ctx)
+        new_cache = None
+        if cache is not None:
+            new_cache = {"k": kv[0], "v": kv[1], "valid": new_valid, "index": cache_index + S}
+        return z, new_cache
+
+    def aggregate(self, z):
+        """Mix the P streams: (mixed [B, S, H], gate weights [B, S, P]); identity for P=1."""
+        if self.cfg.parscale_n == 1:
+            return z[0], jnp.ones(z.shape[1:3] + (1,), jnp.float32)
+        return self.aggregator(z)
+
+    def __call__(self, tokens, attention_mask=None, cache=None):
+        z, new_cache = self.stream_states(tokens, attention_mask, cache)
+        h, _ = self.aggregate(z)
+        return self.backbone.logits(h), new_cache
+
+
+# ---- functional API ----------------------------------------------------------------------
+def make_model(cfg: ModelConfig, dtype: Any = "float32", remat: str = "none", scan_layers: bool = True,
+               attention_impl: str | None = None, stream_mesh_axis: str | None = None) -> ParScaleLM:
+    """Build the module. ``dtype`` is the compute dtype (params stay float32).
+
+    ``scan_layers=False`` unrolls the layer loop (same param layout, longer compiles).
+    ``remat``: "none", "full" (recompute each layer in the backward pass) or "save_dots".
+    """
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat={remat!r}: choose one of {sorted(REMAT_POLICIES)}")
+    unroll = 1 if scan_layers else cfg.num_hidden_layers
+    return ParScaleLM(cfg, _dtype(dtype), remat, unroll, attention_impl, stream_mesh_axis)
+
+
+def _boxed_init(model: ParScaleLM, rng: Array):
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return model.init(rng, tokens)["params"]
+
+
+def init_params(model: ParScaleLM, rng: Array) -> dict:
+    """Fresh params: {'backbone', 'prefix', 'aggregator'} (the last two only for P > 1)."""
+    return nn.meta.unbox(_boxed_init(model, rng))
+
+
+def abstract_params(model: ParScaleLM) -> dict:
+    """Shapes/dtypes of the params (jax.ShapeDtypeStruct), without allocating them."""
+    return nn.meta.unbox(jax.eval_shape(lambda r: _boxed_init(model, r), jax.random.PRNGKey(0)))
+
+
+def logical_axes(model: ParScaleLM) -> dict:
+    """The params' logical axis names as a pytree of PartitionSpec (same structure as params)."""
+    boxed = jax.eval_shape(lambda r: _boxed_init(model, r), jax.random.PRNGKey(0))
+    return nn.get_partition_spec(boxed)
+
+
+def count_params(params: Any, non_embedding: bool = False) -> int:
+    """Number of parameters; ``non_embedding`` drops the token embedding and the LM head."""
+    total = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        keys = [getattr(k, "key", None) for k in path]
+        if non_embedding and ("embed" in keys or "lm_head" in keys):
+            continue
+        total += int(leaf.size)
+    return total
+
+
+def init_cache(model: ParScaleLM, params: dict, batch_size: int, max_len: int, dtype: Any = None) -> dict:
+    """An empty KV cache for ``max_len`` tokens. Per stream and layer: T prefix slots, then tokens.
+
+    ``{'k', 'v'}: [P, L, B, T + max_len, nKV, hd]``, ``'valid': [B, T + max_len]`` (which slots
+    hold real tokens; the prefix slots are False), ``'index'``: tokens written so far.
+    """
+    cfg = model.cfg
+    dtype = model.dtype if dtype is None else _dtype(dtype)
+    T = cfg.prefix_len
+    shape = (cfg.parscale_n, cfg.num_hidden_layers, batch_size, T + max_len, cfg.num_key_value_heads, cfg.hd)
+    k = jnp.zeros(shape, dtype)
+    v = jnp.zeros(shape, dtype)
+    if T:
+        # prefix [L, P, nKV, T, hd] -> [P, L, 1, T, nKV, hd] into slots [0, T)
+        pk = jnp.transpose(params["prefix"]["k"], (1, 0, 3, 2, 4))[:, :, None].astype(dtype)
+        pv = jnp.transpose(params["prefix"]["v"], (1, 0, 3, 2, 4))[:, :, None].astype(dtype)
+        k = k.at[:, :, :, :T].set(jnp.broadcast_to(pk, shape[:3] + pk.shape[3:]))
+        v = v.at[:, :, :, :T].set(jnp.broadcast_to(pv, shape[:3] + pv.shape[3:]))
+    return {"k": k, "v": v, "valid": jnp.zeros((batch_size, T + max_len), bool),
+            "index": jnp.zeros((), jnp.int32)}
+
+
+def param_groups(params: dict) -> dict[str, Any]:
+    """The three groups (absent ones omitted): backbone, prefix, aggregator."""
+    return {g: params[g] for g in ("backbone", "prefix", "aggregator") if g in params}
