@@ -1,0 +1,38 @@
+"""Model FLOPs per token (forward and training step), counting all P streams.
+
+Matmul FLOPs are 2 * m * n * k. Per token and per stream, each layer does
+    projections   2 * H * (nH*hd + 2*nKV*hd) + 2 * nH*hd * H
+    MLP           2 * 3 * H * I
+    attention     2 * 2 * nH * hd * (T + (S + 1) / 2)      (QK^T and AV; the T prefix keys
+                  are seen by every query, real keys causally: (S + 1) / 2 on average)
+once per token (after the streams are mixed):
+    aggregator    2 * (P*H * H + H * P)                     (only for P > 1)
+    LM head       2 * H * V
+A training step is 3x the forward (backward = 2x forward); rematerialisation is not counted
+(these are *model* FLOPs, the numerator of MFU). Norms, rotary, softmax and the gate's
+elementwise work are ignored (< 1% at useful sizes).
+"""
+from __future__ import annotations
+
+from parscale_jax.config import ModelConfig
+
+
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    H, I, hd = cfg.hidden_size, cfg.intermediate_size, cfg.hd
+    nH, nKV, L, P, T = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_hidden_layers, cfg.parscale_n, cfg.prefix_len
+    proj = 2 * H * (nH * hd + 2 * nKV * hd) + 2 * nH * hd * H
+    mlp = 2 * 3 * H * I
+    attn = 2 * 2 * nH * hd * (T + (seq_len + 1) / 2)
+    per_stream = L * (proj + mlp + attn)
+    agg = 2 * (P * H * H + H * P) if P > 1 else 0
+    head = 2 * H * cfg.vocab_size
+    return P * per_stream + agg + head
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    return 3.0 * forward_flops_per_token(cfg, seq_len)
+
+
+def mfu(cfg: ModelConfig, seq_len: int, tokens_per_second: float, peak_flops: float) -> float:
+    """Model FLOPs utilisation of a training run: achieved model FLOP/s over the peak."""
+    return train_flops_per_token(cfg, seq_len) * tokens_per_second / peak_flops
