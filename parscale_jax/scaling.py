@@ -119,7 +119,7 @@ __all__ = [
     "solve_tokens", "plan_optimum", "main",
 ]
 
-DATA_PATH = Path(__file__).resolve().parent / "data" / "parscale_paper_losses.csv"
+DATA_PATH = Path(__file__).resolve().parent / "assets" / "parscale_paper_losses.csv"
 REQUIRED_COLUMNS = ("dataset", "P", "non_embedding_params", "loss")
 HUBER_DELTA = 1e-3
 START_GRID: dict[str, tuple[float, ...]] = {

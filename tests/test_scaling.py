@@ -16,7 +16,7 @@ from scipy.optimize import brentq
 from parscale_jax import scaling as sc
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGED_CSV = REPO / "parscale_jax" / "data" / "parscale_paper_losses.csv"
+PACKAGED_CSV = REPO / "parscale_jax" / "assets" / "parscale_paper_losses.csv"
 
 # The paper's published constants (spec section 4): the reference the fit must reproduce.
 PAPER = {
