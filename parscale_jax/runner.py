@@ -1,0 +1,419 @@
+"""The training loop: mesh, state, data, jit-compiled step, checkpoints, metrics, signals.
+
+``train(cfg, workdir)`` resumes from the newest complete checkpoint in ``workdir`` when
+there is one (params, optimizer state, step, RNG, data position), otherwise starts from
+scratch or, with ``init_from``, from another checkpoint's backbone (stage 2 of the recipe).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+from flax import linen as nn
+
+from parscale_jax import checkpoint as C
+from parscale_jax import data as D
+from parscale_jax import evaluate as E
+from parscale_jax import flops as F
+from parscale_jax import model as M
+from parscale_jax import optim as O
+from parscale_jax import recycle as R
+from parscale_jax import sharding as S
+from parscale_jax import train_step as TS
+from parscale_jax.config import ModelConfig
+from parscale_jax.errors import UserError
+from parscale_jax.metrics import MetricsWriter, Progress, fmt_duration
+from parscale_jax.train_config import TrainConfig
+
+
+# ---- multi-host --------------------------------------------------------------------------
+def maybe_initialize_distributed(dcfg) -> None:
+    """``jax.distributed.initialize`` from the config or the environment (once)."""
+    want = dcfg.initialize
+    env = any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS"))
+    if want == "false" or (want == "auto" and not (env or dcfg.coordinator_address)):
+        return
+    kwargs = {}
+    if dcfg.coordinator_address:
+        kwargs["coordinator_address"] = dcfg.coordinator_address
+    if dcfg.num_processes is not None:
+        kwargs["num_processes"] = dcfg.num_processes
+    if dcfg.process_id is not None:
+        kwargs["process_id"] = dcfg.process_id
+    if dcfg.local_device_ids:
+        kwargs["local_device_ids"] = [int(i) for i in str(dcfg.local_device_ids).split(",")]
+    try:
+        jax.distributed.initialize(**kwargs)
+    except RuntimeError as e:
+        if "already" not in str(e).lower():
+            raise
+
+
+# ---- helpers -----------------------------------------------------------------------------
+def _model_from(cfg: TrainConfig, mesh) -> M.ParScaleLM:
+    stream_axis = "stream" if mesh.shape["stream"] > 1 else None
+    if stream_axis and cfg.model.parscale_n % mesh.shape["stream"]:
+        raise UserError(f"mesh.stream={mesh.shape['stream']} does not divide model.parscale_n="
+                        f"{cfg.model.parscale_n}: choose a divisor of P for mesh.stream")
+    return M.make_model(cfg.model, cfg.dtype, cfg.remat, cfg.scan_layers, stream_mesh_axis=stream_axis)
+
+
+@contextlib.contextmanager
+def mesh_rules(mesh):
+    with mesh, nn.logical_axis_rules(S.rules_for(mesh)):
+        yield
+
+
+def arch_diff(a: ModelConfig, b: ModelConfig) -> list[str]:
+    da, db = a.to_dict(), b.to_dict()
+    return [f"model.{k} {da[k]} -> {db[k]}" for k in da if da[k] != db.get(k)]
+
+
+def check_workdir(workdir: str, cfg: TrainConfig, ckpt: C.Checkpointer) -> int | None:
+    """The step to resume from (None: fresh); an incompatible checkpoint is a UserError."""
+    step = ckpt.latest_step()
+    if step is None:
+        return None
+    meta = ckpt.read_meta(step)
+    saved = ModelConfig.from_dict(meta["model"])
+    diff = arch_diff(saved, cfg.model)
+    if diff:
+        raise UserError(f"workdir {workdir} holds a checkpoint (step {step}) of another model "
+                        f"({'; '.join(diff)}): use a new --workdir or the same model config")
+    if bool(meta.get("freeze_backbone")) != cfg.freeze_backbone:
+        raise UserError(f"workdir {workdir} holds a checkpoint with freeze_backbone="
+                        f"{str(bool(meta.get('freeze_backbone'))).lower()}: use a new --workdir or the same setting")
+    return step
+
+
+def _nbytes(tree) -> int:
+    return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
+def load_init_params(path: str, cfg: ModelConfig, rng) -> tuple[dict, dict]:
+    """Stage-2 init: the backbone of ``path`` (this project's checkpoint or a Hugging Face dir),
+    fresh prefixes and aggregator for ``cfg.parscale_n`` (kept when the source has that P)."""
+    cfg_src, params = E.load_checkpoint(path, None)
+    src_P = cfg_src.parscale_n
+    multi = params
+    diff = [d for d in arch_diff(cfg_src.replace(parscale_n=cfg.parscale_n), cfg)
+            if not d.startswith(("model.parscale_attn_smooth", "model.max_position_embeddings"))]
+    if diff:
+        raise UserError(f"init_from={path} has another backbone ({'; '.join(diff)}): "
+                        f"use the same model sizes as that run, changing only model.parscale_n")
+    # an existing set for this P in a multi-P checkpoint is reused, otherwise fresh
+    _, full = E.load_checkpoint(path, cfg.parscale_n) if cfg.parscale_n != src_P and _has_P(path, cfg.parscale_n) \
+        else (None, None)
+    if full is not None:
+        return full, {"init_from": path, "init": f"backbone and P={cfg.parscale_n} set from {path}"}
+    if cfg.parscale_n == src_P:
+        return multi, {"init_from": path, "init": f"all params from {path}"}
+    new = R.stage2_init(jax.tree.map(np.asarray, multi["backbone"]), cfg, rng)
+    return new, {"init_from": path, "init": f"backbone from {path} (P={src_P}); fresh prefix/aggregator for P={cfg.parscale_n}"}
+
+
+def _has_P(path: str, P: int) -> bool:
+    try:
+        E.load_checkpoint(path, P)
+        return True
+    except UserError:
+        return False
+
+
+class _Signals:
+    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint, waits for it and exits."""
+
+    def __init__(self):
+        self.caught: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.caught is not None:  # second signal: give up at once
+            raise KeyboardInterrupt
+        self.caught = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def save_resolved_config(workdir: str, cfg: TrainConfig) -> None:
+    path = os.path.join(workdir, "config.yaml")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(cfg.to_yaml())
+    os.replace(tmp, path)
+
+
+# ---- the loop ----------------------------------------------------------------------------
+def train(cfg: TrainConfig, workdir: str, verbose: bool = True) -> dict[str, Any]:
+    """Train per ``cfg`` in ``workdir``; returns a summary (final/held-out loss, tokens/s, ...)."""
+    maybe_initialize_distributed(cfg.distributed)
+    pid, nproc = jax.process_index(), jax.process_count()
+    main = pid == 0
+    log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if (verbose and main) else (lambda *a: None)
+
+    mesh = S.make_mesh(cfg.mesh)
+    shards = S.batch_shards(mesh)
+    micro = cfg.batch_size // cfg.optim.grad_accum
+    if micro % shards:
+        raise UserError(f"batch_size={cfg.batch_size} (micro-batch {micro} with optim.grad_accum="
+                        f"{cfg.optim.grad_accum}) is not divisible by the {shards} data shards "
+                        f"(mesh.data*mesh.fsdp): use a multiple of {shards * cfg.optim.grad_accum}")
+    if cfg.batch_size % nproc:
+        raise UserError(f"batch_size={cfg.batch_size} does not split over {nproc} processes: use a multiple of {nproc}")
+    if cfg.freeze_backbone and cfg.model.parscale_n == 1:
+        raise UserError("freeze_backbone=true with model.parscale_n=1 leaves nothing to train: set model.parscale_n > 1")
+
+    os.makedirs(workdir, exist_ok=True)
+    ckpt = C.Checkpointer(workdir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+    resume_step = check_workdir(workdir, cfg, ckpt)
+    if main:
+        save_resolved_config(workdir, cfg)
+
+    # data first: missing/empty data fails before any compilation
+    tok = D.load_tokenizer(cfg.data.tokenizer)
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise UserError(f"the tokenizer has {tok.vocab_size} ids but model.vocab_size={cfg.model.vocab_size}: "
+                        f"raise model.vocab_size to at least {tok.vocab_size}")
+    it = D.train_iterator(cfg.data, tok, cfg.batch_size, pid, nproc)
+    heldout = None
+    if cfg.data.heldout_fraction > 0:
+        heldout, heldout_bytes = D.heldout_tokens(cfg.data, tok)
+
+    model = _model_from(cfg, mesh)
+    tx = O.make_optimizer(cfg.optim, cfg.steps)
+    lr_fn = O.schedule(cfg.optim, cfg.steps)
+    rng = jax.random.PRNGKey(cfg.seed)
+    logical = M.logical_axes(model)
+
+    init_note = {}
+    with mesh_rules(mesh):
+        if resume_step is None and cfg.init_from:
+            host_params, init_note = load_init_params(cfg.init_from, cfg.model, jax.random.fold_in(rng, 1))
+            init_fn = lambda r: TS.new_state(host_params, tx, cfg.freeze_backbone, r)  # noqa: E731
+        else:
+            init_fn = lambda r: TS.new_state(M.init_params(model, r), tx, cfg.freeze_backbone, r)  # noqa: E731
+        abstract = jax.eval_shape(init_fn, rng)
+        shardings = TS.state_shardings(abstract, logical, mesh)
+        abstract_sh = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                   abstract, shardings)
+        t0 = time.perf_counter()
+        if resume_step is not None:
+            state, data_state, meta = ckpt.restore(resume_step, abstract_sh)
+            it.set_state(data_state)
+            log(f"resumed from {ckpt.dir}/{resume_step} (step {int(meta.get('step', resume_step))}, "
+                f"data batch {data_state['next_batch']})")
+        else:
+            state = jax.jit(init_fn, out_shardings=shardings)(rng)
+            if init_note:
+                log(init_note["init"])
+                if cfg.keep_data_position:
+                    try:
+                        dstate = C.Checkpointer(cfg.init_from, async_save=False)
+                        s = dstate.latest_step()
+                        if s is not None:
+                            it.set_state(dstate.mngr.restore(s, args=C.ocp.args.Composite(
+                                data=C.ocp.args.JsonRestore()))["data"])
+                            log(f"data position continued from {cfg.init_from}")
+                    except UserError:
+                        raise
+                    except Exception as e:
+                        raise UserError(f"keep_data_position=true but {cfg.init_from} has no data position "
+                                        f"({type(e).__name__}): drop keep_data_position") from None
+
+        step_fn = TS.make_train_step(model, tx, cfg.optim.grad_accum, cfg.nan_policy, lr_fn)
+        batch_sh = S.batch_sharding(mesh)
+        rep = S.replicated(mesh)
+        jstep = jax.jit(step_fn, in_shardings=(shardings, batch_sh), out_shardings=(shardings, rep),
+                        donate_argnums=(0,))
+
+    n_params = M.count_params(TS.full_params(state))
+    opt_bytes = _nbytes(state["opt_state"])
+    log(f"model: P={cfg.model.parscale_n}, {n_params:,} params "
+        f"({M.count_params(TS.full_params(state), non_embedding=True):,} non-embedding); "
+        f"mesh {dict(mesh.shape)}; {jax.device_count()} devices, {nproc} processes; dtype {cfg.dtype}")
+    if cfg.freeze_backbone:
+        saved = 2 * _nbytes(state["frozen"])
+        log(f"backbone frozen: optimizer state {opt_bytes / 2**20:.2f} MiB, {saved / 2**20:.2f} MiB "
+            f"(Adam moments of the backbone) not allocated")
+
+    seq = cfg.data.seq_len
+    tokens_per_step = cfg.batch_size * seq
+    flops_tok = F.train_flops_per_token(cfg.model, seq)
+    if cfg.peak_flops:
+        peak, peak_src = cfg.peak_flops, "config peak_flops"
+    else:
+        peak, peak_src = F.device_peak_flops()
+    peak_total = peak * jax.device_count()
+
+    writer = MetricsWriter(workdir, enabled=main)
+    start = int(jax.device_get(state["step"]))
+    progress = Progress(cfg.steps, start, enabled=verbose and main)
+    summary: dict[str, Any] = {"P": cfg.model.parscale_n, "params": n_params, "start_step": start}
+    if main and start == 0:
+        writer.write(0, event="start", params=n_params, peak_flops=peak, peak_source=peak_src,
+                     devices=jax.device_count(), processes=nproc, **{k: v for k, v in init_note.items()})
+
+    def evaluate(step):
+        if heldout is None:
+            return None
+        params = TS.full_params(state)
+        n = cfg.eval_windows or None
+        res = E.window_loss(model, params, heldout, seq, cfg.eval_batch_size, max_windows=n)
+        nbytes = tok.count_bytes(E.make_windows(heldout, seq)[: res["windows"], 1:].ravel())
+        bpb = E.bits_per_byte(res["loss"], res["tokens"], nbytes)
+        writer.write(step, eval_loss=res["loss"], eval_bpb=bpb, eval_tokens=res["tokens"])
+        progress.message(f"step {step}: held-out loss {res['loss']:.4f}" + (f", {bpb:.4f} bits/byte" if bpb else ""))
+        return {"eval_loss": res["loss"], "eval_bpb": bpb, "eval_tokens": res["tokens"]}
+
+    def save(step, reason=""):
+        meta = {"model": cfg.model.to_dict(), "step": step, "freeze_backbone": cfg.freeze_backbone,
+                "config": cfg.to_dict()}
+        ckpt.save(step, state, it.get_state(), meta)
+        if reason:
+            progress.message(f"checkpoint {step} saved ({reason})")
+
+    losses: list[tuple[int, float]] = []
+    pending = None  # (step, metrics) of the last dispatched step: read one step late
+    t_start = time.perf_counter()
+    t_window, s_window = None, start
+    compile_s = None
+    stopped = None
+    last_saved = resume_step
+
+    def consume(step, m):
+        nonlocal stopped
+        loss = float(m["loss"])
+        finite = bool(m["finite"])
+        if not finite:
+            if cfg.nan_policy == "stop":
+                stopped = step
+                raise UserError(f"loss is {loss} at step {step}: training stopped (no checkpoint written "
+                                f"for it); lower optim.lr, or set nan_policy=skip to drop such steps")
+            writer.write(step, skipped_nonfinite=True, loss=loss)
+            progress.message(f"step {step}: non-finite loss {loss}, update skipped")
+        losses.append((step, loss))
+        return loss
+
+    with _Signals() as sig:
+        try:
+            for step in range(start + 1, cfg.steps + 1):
+                batch = next(it)["tokens"]
+                gbatch = jax.make_array_from_process_local_data(batch_sh, batch, (cfg.batch_size, seq + 1))
+                with mesh_rules(mesh):
+                    state, metrics = jstep(state, gbatch)
+                if compile_s is None:
+                    jax.block_until_ready(metrics["loss"])
+                    compile_s = time.perf_counter() - t_start
+                    log(f"compiled and ran the first step in {compile_s:.1f}s")
+                    t_window, s_window = time.perf_counter(), step
+                    progress.begin(step)
+                if pending is not None:
+                    consume(*pending)
+                pending = (step, metrics)
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    loss = consume(*pending)
+                    pending = None
+                    now = time.perf_counter()
+                    tps = mfu = None
+                    if step > s_window:
+                        tps = (step - s_window) * tokens_per_step / (now - t_window)
+                        mfu = flops_tok * tps / peak_total
+                    t_window, s_window = now, step
+                    lr = float(metrics["lr"])
+                    writer.write(step, loss=loss, lr=lr, grad_norm=float(metrics["grad_norm"]),
+                                 tokens_per_s=tps, mfu=mfu, tokens=step * tokens_per_step)
+                    progress.update(step, loss, tps, mfu)
+                    summary.update(tokens_per_s=tps or summary.get("tokens_per_s"), mfu=mfu or summary.get("mfu"))
+                if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+                    if pending is not None:
+                        consume(*pending)
+                        pending = None
+                    evaluate(step)
+                if sig.caught is None and nproc > 1:
+                    sig.caught = _any_process(sig.caught)
+                if step % cfg.checkpoint.every == 0 or step == cfg.steps or sig.caught is not None:
+                    if pending is not None:
+                        consume(*pending)
+                        pending = None
+                    save(step, "signal" if sig.caught is not None else "")
+                    last_saved = step
+                if sig.caught is not None:
+                    ckpt.wait()
+                    progress.end()
+                    log(f"caught signal {sig.caught}: checkpoint {step} written; resume with the same command")
+                    summary.update(interrupted=True, step=step)
+                    ckpt.close()
+                    writer.close()
+                    return summary
+            if pending is not None:
+                consume(*pending)
+                pending = None
+        finally:
+            if stopped is None:
+                ckpt.wait()
+            progress.end()
+
+    elapsed = time.perf_counter() - t_start
+    final_eval = evaluate(cfg.steps) or {}
+    ckpt.close()
+    if cfg.add_to and main:
+        add_set_to(cfg.add_to, cfg.model, TS.full_params(jax.device_get(state)))
+        log(f"added the P={cfg.model.parscale_n} prefix/aggregator set to {cfg.add_to}")
+    writer.write(cfg.steps, event="end", elapsed_s=elapsed, compile_s=compile_s, **final_eval)
+    writer.close()
+    summary.update(final_eval, step=cfg.steps, elapsed_s=elapsed, compile_s=compile_s,
+                   losses=losses, tokens=cfg.steps * tokens_per_step,
+                   tokens_per_s=summary.get("tokens_per_s"))
+    log(f"done: {cfg.steps} steps in {fmt_duration(elapsed)}"
+        + (f", held-out loss {final_eval['eval_loss']:.4f}" if final_eval else ""))
+    return summary
+
+
+def _any_process(flag) -> int | None:
+    from jax.experimental import multihost_utils
+
+    got = multihost_utils.process_allgather(np.asarray(0 if flag is None else int(flag), np.int32))
+    hit = [int(x) for x in np.ravel(got) if int(x)]
+    return hit[0] if hit else None
+
+
+def add_set_to(path: str, cfg: ModelConfig, params: dict) -> None:
+    """Add this run's prefix/aggregator set to the multi-P model checkpoint at ``path`` (created
+    with the backbone if absent); the backbone must be bitwise the one stored there."""
+    params = jax.tree.map(np.asarray, params)
+    if os.path.exists(path):
+        base_cfg, base = C.load_params(path)
+        if arch_diff(base_cfg.replace(parscale_n=cfg.parscale_n, parscale_attn_smooth=cfg.parscale_attn_smooth), cfg):
+            raise UserError(f"add_to={path} holds another backbone: use a new path")
+        multi = R.add_set(R.to_multi(base, include_p1=base_cfg.parscale_n == 1 or "P1" in base.get("sets", {})), params)
+        tmp = path.rstrip("/") + ".new"
+        C.save_params(tmp, base_cfg, multi)
+        old = path.rstrip("/") + ".old"
+        os.replace(path, old)
+        os.replace(tmp, path)
+        import shutil
+
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        C.save_params(path, cfg, R.to_multi(params, include_p1=True))

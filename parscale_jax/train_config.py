@@ -1,0 +1,350 @@
+"""Training configuration: typed, frozen dataclasses loaded from YAML plus dotted overrides.
+
+    python train.py --config configs/tiny.yaml --workdir runs/x model.parscale_n=4 optim.lr=3e-4
+
+A YAML file has the sections of :class:`TrainConfig` (``model``, ``data``, ``optim``, ``mesh``,
+``checkpoint``, ``distributed``) and its top-level keys. ``model.preset`` names a preset of
+:mod:`parscale_jax.config` whose fields the other ``model.*`` keys override. An unknown key or
+a value of the wrong type is a :class:`UserError` naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Mapping
+
+import yaml
+
+from parscale_jax.config import ModelConfig, PRESETS
+from parscale_jax.data import DataConfig
+from parscale_jax.errors import UserError
+
+SCHEDULES = ("cosine", "wsd", "constant")
+DTYPES = ("float32", "bfloat16")
+REMATS = ("none", "full", "save_dots")
+NAN_POLICIES = ("stop", "skip")
+
+
+def _bad(key: str, value: Any, why: str) -> UserError:
+    return UserError(f"config key {key}={value!r} is invalid: {why}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-3               # peak learning rate
+    schedule: str = "cosine"       # cosine | wsd (warmup-stable-decay) | constant (after warmup)
+    warmup_steps: int = 100        # linear warmup from 0
+    decay_fraction: float = 0.2    # wsd: the last fraction of steps decays to min_lr_ratio * lr
+    min_lr_ratio: float = 0.1      # final lr / peak lr (cosine and wsd)
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1      # AdamW, not applied to norms, biases or prefixes
+    clip_norm: float = 1.0         # global-norm clipping (0 = off)
+    grad_accum: int = 1            # micro-batches per step: the batch is split into grad_accum parts
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise _bad("optim.schedule", self.schedule, f"choose one of {', '.join(SCHEDULES)}")
+        for k in ("lr", "eps"):
+            if not getattr(self, k) > 0:
+                raise _bad(f"optim.{k}", getattr(self, k), "use a positive number")
+        for k in ("weight_decay", "clip_norm", "warmup_steps"):
+            if getattr(self, k) < 0:
+                raise _bad(f"optim.{k}", getattr(self, k), "use a number >= 0")
+        for k in ("decay_fraction", "min_lr_ratio", "b1", "b2"):
+            if not 0 <= getattr(self, k) <= 1:
+                raise _bad(f"optim.{k}", getattr(self, k), "use a number in [0, 1]")
+        if self.grad_accum < 1:
+            raise _bad("optim.grad_accum", self.grad_accum, "use an integer >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh axis sizes; their product must equal the number of devices (-1 on one
+    axis: whatever is left). The batch is split over data x fsdp, params over fsdp (ZeRO-3
+    style) and tensor (heads, MLP, vocab), streams over stream."""
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    stream: int = 1
+
+    def __post_init__(self):
+        sizes = dataclasses.asdict(self)
+        for k, v in sizes.items():
+            if v == 0 or v < -1:
+                raise _bad(f"mesh.{k}", v, "use a positive size, or -1 on one axis for the rest of the devices")
+        if sum(v == -1 for v in sizes.values()) > 1:
+            raise UserError("config keys mesh.*: at most one axis may be -1 (the rest of the devices)")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 500               # save every N steps (and at the end, and on SIGTERM/SIGINT)
+    keep: int = 3                  # keep the newest K checkpoints
+    async_save: bool = True        # write in the background while training goes on
+
+    def __post_init__(self):
+        if self.every < 1:
+            raise _bad("checkpoint.every", self.every, "use an integer >= 1")
+        if self.keep < 1:
+            raise _bad("checkpoint.keep", self.keep, "use an integer >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """Multi-host set-up for ``jax.distributed.initialize``. ``initialize``: auto (when the
+    environment says so: JAX_COORDINATOR_ADDRESS or a TPU pod / SLURM cluster), true, false."""
+    initialize: str = "auto"
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    local_device_ids: str | None = None   # e.g. "0,1,2,3"
+
+    def __post_init__(self):
+        if self.initialize not in ("auto", "true", "false"):
+            raise _bad("distributed.initialize", self.initialize, "use auto, true or false")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+    steps: int = 1000              # optimizer steps
+    batch_size: int = 32           # global batch in sequences (of data.seq_len tokens) per step
+    dtype: str = "bfloat16"        # compute dtype; params and optimizer state stay float32
+    remat: str = "none"            # none | full (recompute each layer) | save_dots
+    scan_layers: bool = True       # stack layers with lax.scan (compile time flat in depth)
+    seed: int = 0                  # params init and the step RNG
+    log_every: int = 10            # steps between progress lines / metric records
+    eval_every: int = 200          # steps between held-out evaluations (0 = only at the end)
+    eval_windows: int = 64         # held-out windows of data.seq_len tokens per evaluation (0 = all)
+    eval_batch_size: int = 16
+    nan_policy: str = "stop"       # stop (exit naming the step) | skip (drop the update, go on)
+    init_from: str | None = None   # stage 2: a P=1 (or any) checkpoint whose backbone starts this run
+    freeze_backbone: bool = False  # train only prefixes and aggregator
+    add_to: str | None = None      # with freeze_backbone: add this P's set to that multi-P model checkpoint
+    keep_data_position: bool = False  # with init_from: continue that run's data position
+    peak_flops: float | None = None   # per-device peak FLOP/s for MFU (default: known accelerators; CPU: measured)
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise _bad("steps", self.steps, "use an integer >= 1")
+        if self.batch_size < 1:
+            raise _bad("batch_size", self.batch_size, "use an integer >= 1")
+        if self.dtype not in DTYPES:
+            raise _bad("dtype", self.dtype, f"choose one of {', '.join(DTYPES)}")
+        if self.remat not in REMATS:
+            raise _bad("remat", self.remat, f"choose one of {', '.join(REMATS)}")
+        if self.nan_policy not in NAN_POLICIES:
+            raise _bad("nan_policy", self.nan_policy, f"choose one of {', '.join(NAN_POLICIES)}")
+        for k in ("log_every",):
+            if getattr(self, k) < 1:
+                raise _bad(k, getattr(self, k), "use an integer >= 1")
+        for k in ("eval_every", "eval_windows"):
+            if getattr(self, k) < 0:
+                raise _bad(k, getattr(self, k), "use an integer >= 0")
+        if self.eval_batch_size < 1:
+            raise _bad("eval_batch_size", self.eval_batch_size, "use an integer >= 1")
+        if self.batch_size % self.optim.grad_accum:
+            raise UserError(f"batch_size={self.batch_size} is not divisible by optim.grad_accum="
+                            f"{self.optim.grad_accum}: each micro-batch must hold batch_size/grad_accum sequences")
+        if self.add_to and not self.freeze_backbone:
+            raise UserError("add_to needs freeze_backbone=true: only a frozen backbone can be shared by several P")
+        if self.data.seq_len > self.model.max_position_embeddings:
+            raise UserError(f"data.seq_len={self.data.seq_len} exceeds model.max_position_embeddings="
+                            f"{self.model.max_position_embeddings}: lower data.seq_len")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ---- loading -----------------------------------------------------------------------------
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "mesh": MeshConfig,
+             "checkpoint": CheckpointConfig, "distributed": DistributedConfig}
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Check/convert ``value`` to the annotated type ``typ``; raise UserError naming ``key``."""
+    if isinstance(typ, str):
+        typ = eval(typ, {"int": int, "float": float, "str": str, "bool": bool, "None": None})  # noqa: S307
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(typ)
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.lower() in ("null", "none") and type(None) in args:
+            return None
+        last = None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(key, value, a)
+            except UserError as e:
+                last = e
+        raise last
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise _bad(key, value, "use true or false")
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise _bad(key, value, "use an integer")
+        return value
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+            raise _bad(key, value, "use a number")
+        return float(value)
+    if typ is str:
+        if isinstance(value, bool) or value is None:
+            raise _bad(key, value, "use a string")
+        return str(value)
+    return value
+
+
+def _fields(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _build(cls, d: Mapping[str, Any], prefix: str):
+    known = _fields(cls)
+    out = {}
+    for k, v in d.items():
+        if k not in known:
+            where = f"{prefix}{k}"
+            raise UserError(f"unknown config key {where!r}: known keys{' in ' + prefix[:-1] if prefix else ''} "
+                            f"are {', '.join(sorted(known))}")
+        out[k] = _coerce(prefix + k, v, known[k])
+    try:
+        return cls(**out)
+    except UserError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise UserError(f"config section {prefix[:-1] or 'top'} is invalid: {e}") from None
+
+
+def from_dict(d: Mapping[str, Any]) -> TrainConfig:
+    """A TrainConfig from a nested dict (YAML), with ``model.preset`` expanded."""
+    d = dict(d or {})
+    top = {}
+    for name, sub in d.items():
+        if name in _SECTIONS:
+            if sub is None:
+                sub = {}
+            if not isinstance(sub, Mapping):
+                raise UserError(f"config key {name!r} must be a mapping of its keys, got {sub!r}")
+            sub = dict(sub)
+            if name == "model":
+                preset = sub.pop("preset", None)
+                if preset is not None:
+                    if preset not in PRESETS:
+                        raise UserError(f"config key model.preset={preset!r} is unknown: choose one of "
+                                        f"{', '.join(sorted(PRESETS))}")
+                    sub = {**PRESETS[preset], **sub}
+            top[name] = _build(_SECTIONS[name], sub, name + ".")
+        else:
+            top[name] = d[name]
+    sections = {k: v for k, v in top.items() if k in _SECTIONS}
+    rest = {k: v for k, v in top.items() if k not in _SECTIONS}
+    known = _fields(TrainConfig)
+    for k, v in rest.items():
+        if k not in known:
+            raise UserError(f"unknown config key {k!r}: known top-level keys are "
+                            f"{', '.join(sorted(known))}")
+        rest[k] = _coerce(k, v, known[k])
+    try:
+        return TrainConfig(**sections, **rest)
+    except UserError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise UserError(f"config is invalid: {e}") from None
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["model.parscale_n=4", "optim.lr=3e-4"]`` -> nested dict with YAML-typed values."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"override {item!r} is not key=value: write e.g. model.parscale_n=4")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise UserError(f"override {item!r} has an empty key: write e.g. optim.lr=3e-4")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, str) and value.strip().lower() in ("", "none", "null"):
+            value = None if value.strip() else value
+        parts = key.split(".")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override {item!r} conflicts with another override of {p!r}")
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict, over: Mapping) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            sub = dict(out[k])
+            # a preset given by override replaces the file's model fields that it defines
+            out[k] = _merge(sub, v)
+        else:
+            out[k] = v
+    return out
+
+
+def load(path: str | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML config (or the defaults when ``path`` is None) and apply dotted overrides."""
+    d: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path) as f:
+                d = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise UserError(f"config file {path} does not exist: pass --config configs/NAME.yaml "
+                            f"(see configs/)") from None
+        except yaml.YAMLError as e:
+            first = str(e).splitlines()[0] if str(e) else "syntax error"
+            raise UserError(f"config file {path} is not valid YAML ({first}): fix the file") from None
+        if not isinstance(d, dict):
+            raise UserError(f"config file {path} must hold a mapping of sections, not {type(d).__name__}")
+    return from_dict(_merge(d, parse_overrides(overrides or [])))
+
+
+def all_keys() -> list[tuple[str, Any, str]]:
+    """(dotted key, default, type) for every config key: the reference table in the README."""
+    rows = []
+    for name, typ in _fields(TrainConfig).items():
+        if name in _SECTIONS:
+            cls = _SECTIONS[name]
+            for f in dataclasses.fields(cls):
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                rows.append((f"{name}.{f.name}", default, str(_fields(cls)[f.name])))
+        else:
+            f = {f.name: f for f in dataclasses.fields(TrainConfig)}[name]
+            rows.append((name, f.default, str(typ)))
+    return rows
