@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo recycle clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -16,6 +16,14 @@ setup: $(STAMP)
 
 test: setup
 	$(BIN)/python -m pytest tests
+
+# Train tiny at P=1 and P=4 on the default corpus, evaluate both, print a table (< 10 min on 2 cores).
+demo: setup
+	$(BIN)/python scripts/demo.py --out runs/demo
+
+# The two-stage recipe (issue 6): stage 1 at P=1, then P=1 continued vs P=4 full vs P=2/4 frozen.
+recycle: setup
+	$(BIN)/python scripts/recycle.py --out runs/recycle
 
 clean:
 	rm -rf $(VENV) runs

@@ -84,8 +84,16 @@ def load_params(path: str) -> tuple[ModelConfig, Any]:
 def restore_numpy(path: str, keep: tuple[str, ...] | None = None) -> Any:
     """Restore an orbax pytree as host numpy arrays, independent of the devices that saved it.
     ``keep``: only these top-level keys (the rest is not read)."""
+    import logging
+
     ckptr = ocp.PyTreeCheckpointer()
-    meta = ckptr.metadata(path)
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)  # an item inside a manager step has no step metadata: expected
+    try:
+        meta = ckptr.metadata(path)
+    finally:
+        absl_log.setLevel(level)
     tree = getattr(meta, "item_metadata", None) or getattr(meta, "tree", None) or meta
     tree = dict(tree)
     if keep is not None:

@@ -1,0 +1,82 @@
+"""`make demo`: train the tiny model at P=1 and at P=4 (same backbone shape, seed, data and
+tokens) on the default corpus, evaluate both on the held-out split, print one table.
+
+    python scripts/demo.py [--out runs/demo] [--steps N] [key=value ...]
+
+Extra key=value overrides go to both runs (e.g. steps=100 for a quicker look).
+A second run resumes/reuses finished runs in --out (delete it to start over).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from parscale_jax.errors import cli_entry  # noqa: E402
+
+
+def table(rows: list[dict]) -> str:
+    head = "| model | P | params | non-embedding | held-out loss (nats/token) | bits per byte | train tokens | tokens/s |"
+    sep = "|---|---:|---:|---:|---:|---:|---:|---:|"
+    lines = [head, sep]
+    for r in rows:
+        lines.append(f"| tiny | {r['P']} | {r['params']:,} | {r['non_embedding']:,} | {r['eval_loss']:.4f} | "
+                     f"{r['eval_bpb']:.4f} | {r['tokens']:,} | {r['tokens_per_s']:,.0f} |")
+    return "\n".join(lines)
+
+
+@cli_entry
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="runs/demo")
+    ap.add_argument("--config", default="configs/tiny.yaml")
+    ap.add_argument("--P", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_intermixed_args(argv)
+
+    from parscale_jax import model as M
+    from parscale_jax import runner, train_config
+
+    rows = []
+    t0 = time.time()
+    for P in args.P:
+        cfg = train_config.load(args.config, [f"model.parscale_n={P}", *args.overrides])
+        workdir = os.path.join(args.out, f"P{P}")
+        print(f"== training tiny at P={P}: {cfg.steps} steps x {cfg.batch_size} x {cfg.data.seq_len} tokens "
+              f"-> {workdir}", file=sys.stderr, flush=True)
+        s = runner.train(cfg, workdir)
+        if s.get("interrupted"):
+            return 130
+        if s.get("tokens_per_s") is None or s.get("eval_loss") is None:  # a finished run reused
+            with open(os.path.join(workdir, "metrics.jsonl")) as f:
+                recs = [json.loads(x) for x in f]
+            s.setdefault("eval_loss", None)
+            for r in recs:
+                if r.get("tokens_per_s"):
+                    s["tokens_per_s"] = r["tokens_per_s"]
+                if "eval_loss" in r:
+                    s["eval_loss"], s["eval_bpb"] = r["eval_loss"], r["eval_bpb"]
+        params = runner.C.load_params(workdir)[1]
+        rows.append({"P": P, "params": M.count_params(params),
+                     "non_embedding": M.count_params(params, non_embedding=True),
+                     "eval_loss": s["eval_loss"], "eval_bpb": s["eval_bpb"],
+                     "eval_tokens": s.get("eval_tokens"), "tokens": cfg.steps * cfg.batch_size * cfg.data.seq_len,
+                     "tokens_per_s": s["tokens_per_s"] or 0.0})
+    md = table(rows)
+    print("\n" + md)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"rows": rows, "command": " ".join(["python", "scripts/demo.py", *(argv or sys.argv[1:])]),
+                   "wall_s": time.time() - t0}, f, indent=2)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(md + "\n")
+    print(f"\n(held-out: {rows[0].get('eval_tokens')} target tokens per model; results in {args.out}/results.md; "
+          f"{time.time() - t0:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
