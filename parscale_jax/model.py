@@ -372,8 +372,9 @@ def _boxed_init(model: ParScaleLM, rng: Array):
 
 
 def init_params(model: ParScaleLM, rng: Array) -> dict:
-    """Fresh params: {'backbone', 'prefix', 'aggregator'} (the last two only for P > 1)."""
-    return nn.meta.unbox(_boxed_init(model, rng))
+    """Fresh params: {'backbone', 'prefix', 'aggregator'} (the last two only for P > 1).
+    Compiled as one program (eager init would dispatch every op of the scanned layers)."""
+    return nn.meta.unbox(jax.jit(lambda r: _boxed_init(model, r))(rng))
 
 
 def abstract_params(model: ParScaleLM) -> dict:
