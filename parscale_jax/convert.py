@@ -574,6 +574,15 @@ def _checkpoint_meta(ckpt: str) -> dict[str, Any]:
         with open(os.path.join(ckpt, MODEL_CONFIG)) as f:
             return json.load(f)
     except (OSError, ValueError):
+        pass
+    # a training workdir: its resolved config names the tokenizer (data.tokenizer)
+    try:
+        import yaml
+
+        with open(os.path.join(ckpt, "config.yaml")) as f:
+            tok = (yaml.safe_load(f) or {}).get("data", {}).get("tokenizer")
+        return {"tokenizer": tok} if isinstance(tok, str) and tok != "bytes" else {}
+    except (OSError, ValueError, AttributeError):
         return {}
 
 
