@@ -167,14 +167,7 @@ def _eval_tokens(args, source: str, spec: str, tok):
                            heldout_fraction=args.heldout_fraction)
     if args.split == "heldout":
         return data.heldout_tokens(dcfg, tok)[0]
-    # every unit of the source, in the pipeline's order (each document followed by EOS)
-    dcfg = data.DataConfig(**{**dcfg.to_dict(), "heldout_fraction": 0.0})
-    if hasattr(data, "all_tokens"):
-        return data.all_tokens(dcfg, tok)[0]
-    stream = data._split_streams(dcfg, tok, "train")[0]
-    if len(stream) == 0:
-        raise UserError(f"{source} holds no tokens: add data or pass another --data")
-    return stream.read(0, len(stream))
+    return data.all_tokens(dcfg, tok)[0]  # every unit, in the pipeline's order (each document + EOS)
 
 
 def _data_defaults(args) -> list[str]:
