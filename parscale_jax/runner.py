@@ -279,9 +279,8 @@ def train(cfg: TrainConfig, workdir: str, verbose: bool = True) -> dict[str, Any
             return None
         params = TS.full_params(state)
         n = cfg.eval_windows or None
-        res = E.window_loss(model, params, heldout, seq, cfg.eval_batch_size, max_windows=n)
-        nbytes = tok.count_bytes(E.make_windows(heldout, seq)[: res["windows"], 1:].ravel())
-        bpb = E.bits_per_byte(res["loss"], res["tokens"], nbytes)
+        res = E.heldout_loss(model, params, heldout, seq, cfg.eval_batch_size, max_windows=n, tokenizer=tok)
+        bpb = res["bits_per_byte"]
         writer.write(step, eval_loss=res["loss"], eval_bpb=bpb, eval_tokens=res["tokens"])
         progress.message(f"step {step}: held-out loss {res['loss']:.4f}" + (f", {bpb:.4f} bits/byte" if bpb else ""))
         return {"eval_loss": res["loss"], "eval_bpb": bpb, "eval_tokens": res["tokens"]}

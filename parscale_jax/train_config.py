@@ -96,13 +96,15 @@ class CheckpointConfig:
 class DistributedConfig:
     """Multi-host set-up for ``jax.distributed.initialize``. ``initialize``: auto (when the
     environment says so: JAX_COORDINATOR_ADDRESS or a TPU pod / SLURM cluster), true, false."""
-    initialize: str = "auto"
+    initialize: str | bool = "auto"     # YAML's true/false arrive as booleans: stored as "true"/"false"
     coordinator_address: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
     local_device_ids: str | None = None   # e.g. "0,1,2,3"
 
     def __post_init__(self):
+        if isinstance(self.initialize, bool):
+            object.__setattr__(self, "initialize", str(self.initialize).lower())
         if self.initialize not in ("auto", "true", "false"):
             raise _bad("distributed.initialize", self.initialize, "use auto, true or false")
 
@@ -348,3 +350,83 @@ def all_keys() -> list[tuple[str, Any, str]]:
             f = {f.name: f for f in dataclasses.fields(TrainConfig)}[name]
             rows.append((name, f.default, str(typ)))
     return rows
+
+
+# One line per config key: the README's reference table is generated from this
+# (python -c "from parscale_jax.train_config import reference_table; print(reference_table())").
+KEY_DOCS: dict[str, str] = {
+    "model.preset": "start from a preset of parscale_jax.config (tiny, paper-0.5b ... paper-4.4b, qwen2.5-0.5b/1.5b/3b); the other model.* keys override its fields",
+    "model.vocab_size": "vocabulary size (byte tokenizer: 259 ids, tiny uses 384)",
+    "model.hidden_size": "width H",
+    "model.intermediate_size": "MLP width",
+    "model.num_hidden_layers": "layers L",
+    "model.num_attention_heads": "query heads",
+    "model.num_key_value_heads": "key/value heads (GQA); must divide the query heads",
+    "model.head_dim": "per-head dimension (null: hidden_size / heads)",
+    "model.rope_theta": "rotary base",
+    "model.rms_norm_eps": "RMSNorm epsilon",
+    "model.max_position_embeddings": "longest sequence the model accepts",
+    "model.tie_word_embeddings": "LM head shares the embedding matrix",
+    "model.initializer_range": "std of the normal init of backbone, prefixes and gate",
+    "model.parscale_n": "P, the number of parallel streams (1 = plain Qwen2)",
+    "model.parscale_n_tokens": "T, prefix tokens per stream and layer",
+    "model.parscale_attn_smooth": "gate smoothing eps: w(1-eps) + eps/P",
+    "data.source": "stdlib (this interpreter's standard library, the default corpus), or a file, directory or glob",
+    "data.format": "auto (by extension), text, jsonl, npy (pre-tokenised ids)",
+    "data.text_field": "JSONL field holding the text",
+    "data.tokenizer": "bytes (id = byte, PAD 256, BOS 257, EOS 258) or a local tokenizer.json",
+    "data.seq_len": "training sequence length (packed, EOS between documents)",
+    "data.heldout_fraction": "fraction of files held out (deterministic by path hash) for evaluation",
+    "data.seed": "global shuffle seed",
+    "data.worker_count": "grain worker processes (0: in-process)",
+    "data.prefetch": "batches prepared ahead in a background thread",
+    "optim.lr": "peak learning rate",
+    "optim.schedule": "cosine, wsd (warmup-stable-decay) or constant",
+    "optim.warmup_steps": "linear warmup steps",
+    "optim.decay_fraction": "wsd: fraction of the steps (at the end) that decay the rate",
+    "optim.min_lr_ratio": "final rate / peak rate (cosine, wsd)",
+    "optim.b1": "Adam beta1",
+    "optim.b2": "Adam beta2",
+    "optim.eps": "Adam epsilon",
+    "optim.weight_decay": "AdamW decay (not on norms, biases, prefixes)",
+    "optim.clip_norm": "global gradient-norm clip (0: off)",
+    "optim.grad_accum": "micro-batches per step (the batch is split; same update)",
+    "mesh.data": "data-parallel axis size (-1: the rest of the devices)",
+    "mesh.fsdp": "fully-sharded data-parallel axis (params and optimizer state sharded)",
+    "mesh.tensor": "tensor-parallel axis (heads, MLP, vocabulary)",
+    "mesh.stream": "stream axis: the P streams split over devices (must divide P)",
+    "checkpoint.every": "save every N steps (also at the end and on SIGTERM/SIGINT)",
+    "checkpoint.keep": "keep the newest K checkpoints",
+    "checkpoint.async_save": "write checkpoints in the background",
+    "distributed.initialize": "auto (when the environment names a coordinator), true or false: call jax.distributed.initialize",
+    "distributed.coordinator_address": "host:port of process 0",
+    "distributed.num_processes": "number of processes (hosts)",
+    "distributed.process_id": "this process's index",
+    "distributed.local_device_ids": "devices this process uses, e.g. 0,1,2,3",
+    "steps": "optimizer steps",
+    "batch_size": "global batch in sequences per step (split over processes and data shards)",
+    "dtype": "compute dtype: bfloat16 or float32 (params and optimizer state stay float32)",
+    "remat": "none, full (recompute each layer in the backward pass) or save_dots",
+    "scan_layers": "stack layers with lax.scan (false: unrolled, longer compiles)",
+    "seed": "params init and step RNG",
+    "log_every": "steps between progress lines and metric records",
+    "eval_every": "steps between held-out evaluations (0: only at the end)",
+    "eval_windows": "held-out windows of data.seq_len tokens per evaluation (0: all)",
+    "eval_batch_size": "windows per evaluation batch",
+    "nan_policy": "stop (exit naming the step) or skip (drop that update) on a non-finite loss",
+    "init_from": "stage 2: start from this checkpoint's backbone (workdir, saved model or Hugging Face dir)",
+    "freeze_backbone": "train only prefixes and aggregator (no backbone gradients or optimizer state)",
+    "add_to": "with freeze_backbone: add this run's P set to that multi-P model checkpoint",
+    "keep_data_position": "with init_from: continue that run's data position instead of starting afresh",
+    "peak_flops": "per-device peak FLOP/s for MFU (default: vendor bf16 peak, or a measured matmul rate on CPU)",
+}
+
+
+def reference_table() -> str:
+    """Markdown table of every config key: default and meaning."""
+    rows = [("model.preset", None, "")] + all_keys()
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for key, default, _ in rows:
+        d = "null" if default is None else (str(default).lower() if isinstance(default, bool) else str(default))
+        lines.append(f"| `{key}` | `{d}` | {KEY_DOCS[key]} |")
+    return "\n".join(lines)

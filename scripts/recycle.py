@@ -79,7 +79,6 @@ def main(argv=None) -> int:
     tok = D.load_tokenizer(base.data.tokenizer)
     held, _ = D.heldout_tokens(base.data, tok)
     seq = base.data.seq_len
-    nbytes = tok.count_bytes(E.make_windows(held, seq)[: args.eval_windows, 1:].ravel())
     records = tasks.build_nextline(tasks.heldout_source_files(base.data.source, base.data.heldout_fraction),
                                    n=args.task_records, seed=0)
     rows = []
@@ -88,11 +87,11 @@ def main(argv=None) -> int:
     for name, path, P, extra_steps in models:
         cfg, params = E.load_checkpoint(path, P)
         model = M.make_model(cfg)
-        res = E.window_loss(model, params, held, seq, 32, max_windows=args.eval_windows)
+        res = E.heldout_loss(model, params, held, seq, 32, max_windows=args.eval_windows, tokenizer=tok)
         acc = E.choice_accuracy(model, params, records, tok, batch_size=32)
         rows.append({"model": name, "P": cfg.parscale_n, "stage2_steps": extra_steps,
                      "stage2_tokens": extra_steps * base.batch_size * seq,
-                     "eval_loss": res["loss"], "eval_bpb": E.bits_per_byte(res["loss"], res["tokens"], nbytes),
+                     "eval_loss": res["loss"], "eval_bpb": res["bits_per_byte"],
                      "eval_tokens": res["tokens"], "acc": acc["acc"], "acc_norm": acc["acc_norm"],
                      "params": M.count_params(params)})
         print(f"{name}: loss {res['loss']:.4f}, task acc {acc['acc']:.3f}", file=sys.stderr, flush=True)
