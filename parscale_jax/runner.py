@@ -326,6 +326,7 @@ def train(cfg: TrainConfig, workdir: str, verbose: bool = True) -> dict[str, Any
                     compile_s = time.perf_counter() - t_start
                     log(f"compiled and ran the first step in {compile_s:.1f}s")
                     t_window, s_window = time.perf_counter(), step
+                    t_first, s_first = t_window, step
                     progress.begin(step)
                 if pending is not None:
                     consume(*pending)
@@ -374,16 +375,20 @@ def train(cfg: TrainConfig, workdir: str, verbose: bool = True) -> dict[str, Any
             progress.end()
 
     elapsed = time.perf_counter() - t_start
+    mean_tps = None
+    if compile_s is not None and cfg.steps > s_first:  # the whole run after the compiling step
+        mean_tps = (cfg.steps - s_first) * tokens_per_step / (time.perf_counter() - t_first)
     final_eval = evaluate(cfg.steps) or {}
     ckpt.close()
     if cfg.add_to and main:
         add_set_to(cfg.add_to, cfg.model, TS.full_params(jax.device_get(state)))
         log(f"added the P={cfg.model.parscale_n} prefix/aggregator set to {cfg.add_to}")
-    writer.write(cfg.steps, event="end", elapsed_s=elapsed, compile_s=compile_s, **final_eval)
+    writer.write(cfg.steps, event="end", elapsed_s=elapsed, compile_s=compile_s, mean_tokens_per_s=mean_tps,
+                 **final_eval)
     writer.close()
     summary.update(final_eval, step=cfg.steps, elapsed_s=elapsed, compile_s=compile_s,
                    losses=losses, tokens=cfg.steps * tokens_per_step,
-                   tokens_per_s=summary.get("tokens_per_s"))
+                   tokens_per_s=summary.get("tokens_per_s"), mean_tokens_per_s=mean_tps)
     log(f"done: {cfg.steps} steps in {fmt_duration(elapsed)}"
         + (f", held-out loss {final_eval['eval_loss']:.4f}" if final_eval else ""))
     return summary
