@@ -65,6 +65,9 @@ def load_params(path: str) -> tuple[ModelConfig, Any]:
             raise UserError(f"workdir {path} holds no complete checkpoint yet: train longer or pass another path")
         path = os.path.join(path, CKPT_DIR, str(steps[-1]))
     if os.path.isfile(os.path.join(path, "meta", "metadata")) or os.path.isdir(os.path.join(path, "state")):
+        if not os.path.isfile(os.path.join(path, COMMIT_MARKER)):
+            raise UserError(f"checkpoint {path} has no {COMMIT_MARKER}: it was cut off while being written; "
+                            f"pass the workdir (its newest complete step is used) or an earlier step")
         meta = _read_json_item(path, "meta")
         cfg = ModelConfig.from_dict(meta["model"])
         state = restore_numpy(os.path.join(path, "state"), keep=("params", "frozen"))
@@ -118,12 +121,35 @@ def _read_json_item(step_dir: str, name: str) -> dict:
 CKPT_DIR = "checkpoints"
 
 
+COMMIT_MARKER = "commit_success.txt"  # orbax writes it into a step before the final rename
+
+
 def complete_steps(ckpt_dir: str) -> list[int]:
-    """Committed steps (directories named by an integer; orbax's temporary ones are excluded)."""
+    """Committed steps: directories named by an integer that hold orbax's commit marker (orbax's
+    temporary directories, and a step cut off mid-copy or mid-rename on a non-atomic filesystem,
+    are excluded)."""
     if not os.path.isdir(ckpt_dir):
         return []
     return sorted(int(n) for n in os.listdir(ckpt_dir)
-                  if n.isdigit() and os.path.isdir(os.path.join(ckpt_dir, n)))
+                  if n.isdigit() and os.path.isfile(os.path.join(ckpt_dir, n, COMMIT_MARKER)))
+
+
+def set_aside_uncommitted(ckpt_dir: str) -> list[str]:
+    """Rename step directories without the commit marker to ``<step>.incomplete-<n>``: they are
+    never resumed from, and orbax (which trusts any step directory on a POSIX path) would
+    otherwise refuse to save that step again. Returns the new names."""
+    moved = []
+    if not os.path.isdir(ckpt_dir):
+        return moved
+    for n in os.listdir(ckpt_dir):
+        p = os.path.join(ckpt_dir, n)
+        if n.isdigit() and os.path.isdir(p) and not os.path.isfile(os.path.join(p, COMMIT_MARKER)):
+            i = 0
+            while os.path.exists(f"{p}.incomplete-{i}"):
+                i += 1
+            os.replace(p, f"{p}.incomplete-{i}")
+            moved.append(f"{n}.incomplete-{i}")
+    return moved
 
 
 class Checkpointer:
@@ -131,15 +157,19 @@ class Checkpointer:
 
     def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
         self.dir = os.path.join(os.path.abspath(workdir), CKPT_DIR)
+        if jax.process_index() == 0:
+            set_aside_uncommitted(self.dir)
         opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
                                             enable_async_checkpointing=async_save)
         self.mngr = ocp.CheckpointManager(self.dir, options=opts, item_names=("state", "data", "meta"))
 
     def latest_step(self) -> int | None:
-        return self.mngr.latest_step()
+        steps = self.all_steps()
+        return steps[-1] if steps else None
 
     def all_steps(self) -> list[int]:
-        return list(self.mngr.all_steps())
+        """Complete steps only (with the commit marker; orbax on a POSIX path trusts any step directory)."""
+        return complete_steps(self.dir)
 
     def save(self, step: int, state: Any, data_state: dict, meta: dict) -> bool:
         return self.mngr.save(step, args=ocp.args.Composite(
