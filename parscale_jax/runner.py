@@ -370,8 +370,7 @@ def train(cfg: TrainConfig, workdir: str, verbose: bool = True) -> dict[str, Any
                 consume(*pending)
                 pending = None
         finally:
-            if stopped is None:
-                ckpt.wait()
+            ckpt.wait()  # an earlier async save in flight finishes even when a NaN stops the run
             progress.end()
 
     elapsed = time.perf_counter() - t_start
