@@ -16,7 +16,7 @@ from parscale_jax import model as M
 from parscale_jax.config import ConfigError, ModelConfig, preset
 
 SHARED_CSV = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "parscale_paper_losses.csv")
-PACKAGED_CSV = os.path.join(os.path.dirname(M.__file__), "data", "parscale_paper_losses.csv")
+PACKAGED_CSV = os.path.join(os.path.dirname(M.__file__), "assets", "parscale_paper_losses.csv")
 
 CFG4 = preset("tiny", parscale_n=4, parscale_n_tokens=5, vocab_size=97)
 
