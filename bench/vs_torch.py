@@ -196,19 +196,30 @@ def mlp_component(cfg, batch, seq, repeats):
     tw = [torch.tensor(w, requires_grad=True) for w in ws]
     tx = torch.tensor(x)
 
+    jx3 = jx.reshape(batch, seq, H)  # the model's layout: [B, S, H] activations into the dense layers
+    g3 = jax.jit(jax.grad(f, argnums=(0, 1)))
+    g2 = jax.jit(jax.grad(f, argnums=(0, 1)))
+
     def jrun():
         jax.block_until_ready(g(jw, jx))
+
+    def jrun2():  # weights and input grads, [B*S, H]
+        jax.block_until_ready(g2(jw, jx))
+
+    def jrun3():  # weights and input grads, [B, S, H]: weight grads contract over two dims
+        jax.block_until_ready(g3(jw, jx3))
 
     def trun():
         for w in tw:
             w.grad = None
         ((torch.nn.functional.silu(tx @ tw[0]) * (tx @ tw[1])) @ tw[2]).sum().backward()
 
-    out = {"jax": [], "torch": []}
-    for fn in (jrun, trun, jrun, trun):  # warm-up
+    out = {"jax": [], "torch": [], "jax_2d_dx": [], "jax_3d_dx": []}
+    runs = (("jax", jrun), ("torch", trun), ("jax_2d_dx", jrun2), ("jax_3d_dx", jrun3))
+    for _, fn in runs + runs:  # warm-up
         fn()
     for _ in range(repeats):
-        for k, fn in (("jax", jrun), ("torch", trun)):
+        for k, fn in runs:
             time.sleep(0.1)
             t = time.perf_counter()
             fn()
@@ -373,13 +384,17 @@ def main(argv=None) -> int:
           f"training step.",
           B.md_table(header, table),
           "Component: one MLP block (gate/up/down matmuls + SiLU) forward + backward on the training batch's "
-          "[batch*seq, H] activations, JAX jit grad vs torch autograd (the GEMMs without the rest of the model):\n\n"
-          + B.md_table(["backbone", "shape", "JAX ms", "JAX GFLOP/s", "torch ms", "torch GFLOP/s", "torch/JAX"],
+          "[batch*seq, H] activations, JAX jit grad vs torch autograd (the GEMMs without the rest of the model; "
+          "weight grads only), and in JAX with the input grad too, on 2-D [B*S, H] and on the model's 3-D [B, S, H] "
+          "layout:\n\n"
+          + B.md_table(["backbone", "shape", "JAX ms", "JAX GFLOP/s", "torch ms", "torch GFLOP/s", "torch/JAX",
+                        "JAX incl. input grad: [B*S, H] ms", "[B, S, H] ms"],
                        [[bb, f"[{BACKBONES[bb][1] * BACKBONES[bb][2]}, {preset('tiny', **BACKBONES[bb][0]).hidden_size}] x "
                              f"[{preset('tiny', **BACKBONES[bb][0]).hidden_size}, "
                              f"{preset('tiny', **BACKBONES[bb][0]).intermediate_size}]",
                          f"{v['jax']['s'] * 1e3:.1f}", f"{v['jax']['gflops']:.0f}", f"{v['torch']['s'] * 1e3:.1f}",
-                         f"{v['torch']['gflops']:.0f}", f"{v['jax']['s'] and v['torch']['s'] / v['jax']['s']:.2f}"]
+                         f"{v['torch']['gflops']:.0f}", f"{v['jax']['s'] and v['torch']['s'] / v['jax']['s']:.2f}",
+                         f"{v['jax_2d_dx']['s'] * 1e3:.1f}", f"{v['jax_3d_dx']['s'] * 1e3:.1f}"]
                         for bb, v in components.items()]),
           f"Goal 'JAX >= 2x faster than the PyTorch reference for a training step': "
           f"**{'met' if min(sp) >= 2 else 'NOT met'}** (ref/JAX {min(sp):.2f}x-{max(sp):.2f}x).",
