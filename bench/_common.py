@@ -146,3 +146,21 @@ def fmt(x: float | None, nd: int = 2) -> str:
 
 def log(*a: Any) -> None:
     print(*a, file=sys.stderr, flush=True)
+
+
+# name -> (overrides of the tiny preset, train batch, seq_len): the backbones timed by
+# train_throughput.py and vs_torch.py
+BACKBONES = {
+    "tiny": (dict(), 16, 128),
+    "small": (dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8,
+                   num_key_value_heads=2, parscale_n_tokens=48), 8, 128),
+}
+
+
+def save_figure(fig: Any, path: str) -> None:
+    """Tight layout, write the PNG, free the figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

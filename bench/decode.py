@@ -219,9 +219,7 @@ def plot(rows, path: str) -> None:
     axes[2].set_yscale("log")
     axes[1].axhline(1.3, color="gray", lw=0.8, ls=":")
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    B.save_figure(fig, path)
 
 
 @cli_entry

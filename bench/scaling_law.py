@@ -126,9 +126,7 @@ def plot(rows, fit, path: str) -> None:
     axes[1].set_ylabel("held-out loss (nats/token)")
     axes[1].set_title("same backbone, same training tokens", fontsize=10)
     axes[1].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    B.save_figure(fig, path)
 
 
 @cli_entry

@@ -25,12 +25,7 @@ import _common as B  # noqa: E402
 
 from parscale_jax.errors import UserError, cli_entry  # noqa: E402
 
-# name -> (ModelConfig overrides of the tiny preset, batch, seq_len)
-BACKBONES = {
-    "tiny": (dict(), 16, 128),
-    "small": (dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8,
-                   num_key_value_heads=2, parscale_n_tokens=48), 8, 128),
-}
+BACKBONES = B.BACKBONES
 
 
 def build(name: str, P: int, batch: int, seq: int, remat: str):
@@ -85,9 +80,7 @@ def plot(rows, path: str) -> None:
                      fontsize=10)
         ax.set_ylabel("x P=1")
         ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    B.save_figure(fig, path)
 
 
 @cli_entry

@@ -33,12 +33,7 @@ import _common as B  # noqa: E402
 
 from parscale_jax.errors import UserError, cli_entry  # noqa: E402
 
-# name -> (overrides of the tiny preset, train batch, seq_len)
-BACKBONES = {
-    "tiny": (dict(), 16, 128),
-    "small": (dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8,
-                   num_key_value_heads=2, parscale_n_tokens=48), 8, 128),
-}
+BACKBONES = B.BACKBONES
 PROMPT = 64
 LR, BETAS, EPS, WD = 1e-3, (0.9, 0.95), 1e-8, 0.1
 
@@ -247,9 +242,7 @@ def plot(rows, path: str) -> None:
         ax.set_ylabel("time ratio (> 1: JAX faster)")
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    B.save_figure(fig, path)
 
 
 @cli_entry
