@@ -14,6 +14,7 @@ elementwise work are ignored (< 1% at useful sizes).
 """
 from __future__ import annotations
 
+from parscale_jax import hardware
 from parscale_jax.config import ModelConfig
 
 
@@ -36,13 +37,6 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 def mfu(cfg: ModelConfig, seq_len: int, tokens_per_second: float, peak_flops: float) -> float:
     """Model FLOPs utilisation of a training run: achieved model FLOP/s over the peak."""
     return train_flops_per_token(cfg, seq_len) * tokens_per_second / peak_flops
-
-
-# Dense peak FLOP/s per device for bfloat16 matmuls (vendor figures, no sparsity).
-PEAK_BF16 = {
-    "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12,
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,
-}
 
 
 def measured_matmul_peak(dtype: str = "float32", n: int = 1024, repeats: int = 5) -> float:
@@ -70,9 +64,9 @@ def device_peak_flops(device=None) -> tuple[float, str]:
 
     device = device or jax.devices()[0]
     kind = getattr(device, "device_kind", "") or ""
-    for name, peak in PEAK_BF16.items():
-        if name.lower() in kind.lower():
-            return peak, f"{kind} bf16 dense peak"
+    acc = hardware.for_device_kind(kind)
+    if acc is not None:
+        return acc.bf16_flops, f"{kind} bf16 dense peak"
     if device.platform == "cpu":
-        return measured_matmul_peak("float32") * 1.0, "measured float32 matmul rate of one CPU device"
+        return measured_matmul_peak("float32"), "measured float32 matmul rate of one CPU device"
     return measured_matmul_peak("bfloat16"), f"measured bf16 matmul rate ({kind})"

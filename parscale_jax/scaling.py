@@ -109,6 +109,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from parscale_jax.errors import UserError
+from parscale_jax.hardware import ACCELERATORS
 
 __all__ = [
     "UserError", "LawConstants", "LossData", "FitResult", "load_losses", "predict_loss",
@@ -467,12 +468,8 @@ class Hardware:
 
 
 HARDWARE: dict[str, Hardware] = {
-    "a100": Hardware("NVIDIA A100 SXM 80GB", 312e12, 2.039e12, 80e9),
-    "a100-40gb": Hardware("NVIDIA A100 40GB", 312e12, 1.555e12, 40e9),
-    "h100": Hardware("NVIDIA H100 SXM", 989e12, 3.35e12, 80e9),
-    "h200": Hardware("NVIDIA H200", 989e12, 4.8e12, 141e9),
-    "tpu-v5e": Hardware("TPU v5e", 197e12, 0.819e12, 16e9),
-    "tpu-v5p": Hardware("TPU v5p", 459e12, 2.765e12, 95e9),
+    k: Hardware(a.name, a.bf16_flops, a.hbm_bandwidth, a.hbm_bytes)
+    for k, a in ACCELERATORS.items() if k in ("a100", "a100-40gb", "h100", "h200", "tpu-v5e", "tpu-v5p")
 }
 
 
