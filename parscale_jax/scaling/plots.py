@@ -114,7 +114,7 @@ def plot_cost(panels: Sequence[tuple[str, Sequence[Mapping[str, Any]]]], path: s
                     label=f"ParScale ({proto}, batch {b})")
             ax.plot([r["dense"][key] * scale for r in rs], loss, "s" + ls, color="C3",
                     label=f"parameter scaling ({proto}, batch {b})")
-            for r in rs:
+            for r in rs if ls == "-" else ():
                 ax.annotate(f"P={r['P']}", (r["parscale"][key] * scale, r["loss"]), fontsize=7,
                             xytext=(4, 3), textcoords="offset points")
     axes[0].set_xlabel("inference memory (GiB)")
@@ -129,32 +129,35 @@ def plot_cost(panels: Sequence[tuple[str, Sequence[Mapping[str, Any]]]], path: s
 
 
 def plot_plan(sweep: Sequence[Mapping[str, Any]], path: str | Path, title: str) -> None:
-    """Left: optimal N and D relative to Chinchilla vs lifetime requests. Right: cost of P vs P=1."""
+    """Left: optimal N and D at P=1 relative to Chinchilla vs lifetime requests, per objective.
+    Right: optimal lifetime cost of P streams over P=1's, per objective (every key but 'requests')."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.9))
     req = [s["requests"] for s in sweep]
-    for obj, ls in (("flops", "-"), ("dollars", "--")):
+    objectives = [k for k in sweep[0] if k != "requests"]
+    styles = dict(zip(objectives, ("-", "--", ":", "-.")))
+    for obj in objectives[:2]:
         base = [s[obj][1] for s in sweep]
-        axes[0].plot(req, [r["N"] / r["chinchilla_N"] for r in base], ls, color="C0", label=f"N / N_chinchilla ({obj})")
-        axes[0].plot(req, [r["D"] / r["chinchilla_D"] for r in base], ls, color="C1", label=f"D / D_chinchilla ({obj})")
+        axes[0].plot(req, [r["N"] / r["chinchilla_N"] for r in base], styles[obj], color="C0",
+                     label=f"N / N_chinchilla ({obj})")
+        axes[0].plot(req, [r["D"] / r["chinchilla_D"] for r in base], styles[obj], color="C1",
+                     label=f"D / D_chinchilla ({obj})")
     axes[0].axhline(1.0, color="k", lw=0.5)
     axes[0].set_xscale("log")
     axes[0].set_yscale("log")
     axes[0].set_xlabel("lifetime requests (70 in + 215 out tokens)")
     axes[0].set_ylabel("ratio to Chinchilla-optimal (P=1)")
     axes[0].legend(fontsize=7)
-    Ps = sorted(sweep[0]["dollars"])
-    for i, P in enumerate(Ps):
-        if P == 1:
-            continue
-        for obj, ls in (("flops", "-"), ("dollars", "--")):
-            axes[1].plot(req, [s[obj][P]["total_cost"] / s[obj][1]["total_cost"] for s in sweep], ls,
+    for i, P in enumerate(sorted(sweep[0][objectives[0]])):
+        for obj in objectives if P > 1 else ():
+            axes[1].plot(req, [s[obj][P]["total_cost"] / s[obj][1]["total_cost"] for s in sweep], styles[obj],
                          color=f"C{i + 2}", label=f"P={P} ({obj})")
     axes[1].axhline(1.0, color="k", lw=0.5)
     axes[1].set_xscale("log")
     axes[1].set_xlabel("lifetime requests")
     axes[1].set_ylabel("optimal lifetime cost, P streams / P=1")
-    axes[1].legend(fontsize=7, ncol=2)
+    axes[1].set_ylim(0.0, axes[1].get_ylim()[1] * 1.35)  # room for the legend above the curves
+    axes[1].legend(fontsize=6, ncol=3, loc="upper right")
     for ax in axes:
         ax.grid(alpha=0.3, which="both")
     fig.suptitle(title, fontsize=10)

@@ -307,7 +307,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.json:
         write_json(args.json, out)
     if args.plot:
-        plot_plan(_plan_sweep(law, target, k, Ps, args, costs), args.plot,
+        curves = {"flops": costs["flops"], "$, sharing off": plan_costs(args, False), "$, sharing on": plan_costs(args, True)}
+        plot_plan(_plan_sweep(law, target, k, Ps, args, curves), args.plot,
                   f"inference-aware optimum, {tdesc.split(' (')[0]}, L={target:.3f}")
         print(f"wrote {args.plot}")
     return 0
