@@ -231,6 +231,8 @@ def load_measurements(path: str | Path) -> list[dict[str, Any]]:
     """Read and validate a measured-latency JSON: a list of {P, batch, latency_s, model} records
     (optional input_tokens, output_tokens, hardware); docs/scaling.md has the schema."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"measurement file {str(path)!r} is a directory: pass the JSON file itself")
     if not path.is_file():
         raise UserError(f"measurement file {str(path)!r} not found: pass a JSON list of "
                         "{P, batch, latency_s, model} records")

@@ -85,7 +85,7 @@ def _observed(data: LossData, dataset: str, shape: ModelShape, P: int, name: str
     loss = data.observed(dataset, shape.nonembedding_params(P), P)
     if loss is None:
         raise UserError(f"the paper protocol needs the observed {dataset} loss of {name} at P={P}, and the data "
-                        f"has none: choose --base among {list(REAL_MODELS)} and P in 1, 2, 4, 8")
+                        f"has none: choose --base among {list(REAL_MODELS)} and P in 1, 2, 4, 8 (or --protocol project)")
     return loss
 
 

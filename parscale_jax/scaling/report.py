@@ -28,6 +28,8 @@ def law_source(args: argparse.Namespace) -> tuple[LawConstants, str]:
         text = args.constants
         src = text if text.lstrip().startswith("{") else None
         if src is None:
+            if Path(text).is_dir():
+                raise UserError(f"--constants {text!r} is a directory: pass the JSON file (e.g. from 'fit --json')")
             if not Path(text).is_file():
                 raise UserError(f"--constants {text!r}: no such file: pass a JSON file or inline JSON like "
                                 "'{\"E\":0.69,\"A\":0.0113,\"alpha\":0.189,\"k\":0.393}'")
