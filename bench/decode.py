@@ -291,7 +291,7 @@ def main(argv=None) -> int:
         json.dump(recs, f, indent=1)
     cli = [sys.executable, "-m", "parscale_jax.scaling", "cost", "--measured", os.path.relpath(meas_path, B.ROOT),
            "--peak-flops", f"{peak:.4g}", "--bandwidth", f"{bw:.4g}", "--prefix-mode", "cache",
-           "--batch", "1", "--P", "8"]
+           "--protocol", "project", "--lengths", str(PROMPT), "--batch", "1", "--P", "8"]
     cp = subprocess.run(cli, capture_output=True, text=True, cwd=B.ROOT)
     cli_out = cp.stdout + (cp.stderr if cp.returncode else "")
     hw = SC.Hardware("this CPU (measured)", peak, bw, 1e12)

@@ -123,6 +123,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper-1.6b": dict(_PAPER, hidden_size=1536, intermediate_size=8320),
     "paper-2.8b": dict(_PAPER, hidden_size=2048, intermediate_size=11008),
     "paper-4.4b": dict(_PAPER, hidden_size=2560, intermediate_size=13824),
+    # The same six shapes as released on the Hugging Face hub (ParScale-{size}-P{1,2,4,8}-{Python,Pile};
+    # ParScale-1.8B-P{n}[-Inst] is the 1.6B backbone trained on 1T tokens), named by their total size:
+    # the released checkpoints tie the input and output embeddings (0.67B + 0.14B untied would not be
+    # "0.7B"). Separate names keep the untied paper-* presets (and checkpoints trained from them) valid.
+    # ParScale-Qwen-3B-* and ParScale-QwenInit-3B-* are the qwen2.5-3b preset.
+    "parscale-0.7b": dict(_PAPER, hidden_size=896, intermediate_size=4864, tie_word_embeddings=True),
+    "parscale-0.9b": dict(_PAPER, hidden_size=1024, intermediate_size=5504, tie_word_embeddings=True),
+    "parscale-1.3b": dict(_PAPER, hidden_size=1280, intermediate_size=6912, tie_word_embeddings=True),
+    "parscale-1.8b": dict(_PAPER, hidden_size=1536, intermediate_size=8320, tie_word_embeddings=True),
+    "parscale-3b": dict(_PAPER, hidden_size=2048, intermediate_size=11008, tie_word_embeddings=True),
+    "parscale-4.7b": dict(_PAPER, hidden_size=2560, intermediate_size=13824, tie_word_embeddings=True),
     # Qwen2.5 shapes (for recycling public checkpoints into ParScale).
     "qwen2.5-0.5b": dict(_QWEN25, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                          num_attention_heads=14, num_key_value_heads=2),
