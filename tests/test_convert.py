@@ -1,7 +1,7 @@
 """Conversion to/from Hugging Face, checked by logits against independent implementations:
 stock ``transformers`` Qwen2 (P = 1), the PyTorch reference ``torch_ref`` written from the
-spec (P > 1), a JAX greedy loop by full recompute, and files read back with the
-``safetensors`` library (not the converter's own codec)."""
+spec (P > 1), a JAX greedy loop by full recompute, and files read back through torch
+(``safe_open(framework="pt")``; the converter itself reads and writes with ``safetensors.numpy``)."""
 from __future__ import annotations
 
 import functools
@@ -17,14 +17,16 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.torch
 from safetensors import safe_open  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
 from parscale_jax import convert as C  # noqa: E402
+from parscale_jax import loading, recycle  # noqa: E402
 from parscale_jax import model as M  # noqa: E402
-from parscale_jax import recycle  # noqa: E402
-from parscale_jax.checkpoint import load_params, save_params  # noqa: E402
+from parscale_jax.checkpoint import save_params  # noqa: E402
 from parscale_jax.config import ModelConfig, preset  # noqa: E402
+from parscale_jax.hf import load_hf  # noqa: E402
 from parscale_jax.torch_ref import TorchParScale  # noqa: E402
 
 torch.set_num_threads(2)
@@ -200,7 +202,7 @@ def test_random_transformers_qwen2_imports_with_equal_logits(work, capsys, tied)
     ckpt = str(work / f"imported-{tied}")
     rc, err = _run_cli(capsys, ["from-hf", "--hf", src, "--out", ckpt])
     assert rc == 0, err
-    cfg, params = load_params(ckpt)
+    cfg, params = loading.load(ckpt)
     assert (cfg.parscale_n, cfg.tie_word_embeddings, cfg.rope_theta, cfg.rms_norm_eps) == (1, tied, 20000.0, 1e-5)
     assert ("lm_head" in params["backbone"]) == (not tied)
     tokens = np.random.RandomState(2).randint(0, 97, (2, 12))
@@ -280,13 +282,13 @@ def test_torch_reference_cli(exports, capsys):
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_jax_hf_jax_bitwise(exports, work, capsys, name):
     e = exports[name]
-    cfg, params = C.load_hf(e["hf"])
+    cfg, params = load_hf(e["hf"])
     assert cfg == e["cfg"]
     assert _trees_bitwise(params, e["params"])
     back = str(work / f"back-{name}")
     rc, err = _run_cli(capsys, ["from-hf", "--hf", e["hf"], "--out", back])
     assert rc == 0, err
-    cfg2, params2 = load_params(back)
+    cfg2, params2 = loading.load(back)
     assert cfg2 == e["cfg"] and _trees_bitwise(params2, e["params"])
     assert os.path.isfile(os.path.join(back, "tokenizer.json"))
 
@@ -307,7 +309,7 @@ def test_sharded_export_round_trips(exports, work, capsys):
         for fn in files:  # each shard under the limit unless it holds a single larger tensor
             with safe_open(os.path.join(out, fn), framework="pt") as f:
                 assert len(f.keys()) == 1 or os.path.getsize(os.path.join(out, fn)) <= 100_000 + 4096
-        cfg, params = C.load_hf(out)
+        cfg, params = load_hf(out)
         assert cfg == e["cfg"] and _trees_bitwise(params, e["params"])
         tokens = TOKENS
         with torch.no_grad():
@@ -332,7 +334,7 @@ def test_bfloat16_export_loads(exports, work, capsys):
             assert json.load(f)["torch_dtype"] == "bfloat16"
         # Rounded by torch (not by the converter's codec) for the expectation.
         rounded = jax.tree.map(lambda a: torch.tensor(a).bfloat16().float().numpy(), e["params"])
-        cfg, params = C.load_hf(out)
+        cfg, params = load_hf(out)
         assert cfg == e["cfg"] and _trees_bitwise(params, rounded)
         tokens = TOKENS
         with torch.no_grad():
@@ -360,15 +362,15 @@ def test_multi_p_checkpoint_exports_one_directory_per_p(exports, work, capsys):
     rc, err = _run_cli(capsys, ["to-hf", "--checkpoint", ckpt, "--out", out])
     assert rc == 0, err
     assert sorted(os.listdir(out)) == ["P1", "P2", "P4"]
-    cfg1, p1 = C.load_hf(os.path.join(out, "P1"))
+    cfg1, p1 = load_hf(os.path.join(out, "P1"))
     assert cfg1 == e1["cfg"] and _trees_bitwise(p1, {"backbone": backbone})
     for P, (cfg_p, single) in singles.items():
-        cfg, params = C.load_hf(os.path.join(out, f"P{P}"))
+        cfg, params = load_hf(os.path.join(out, f"P{P}"))
         assert cfg == cfg_p and _trees_bitwise(params, single)
     only = str(work / "hf-multi-P2")
     rc, err = _run_cli(capsys, ["to-hf", "--checkpoint", ckpt, "--out", only, "--P", "2"])
     assert rc == 0, err
-    assert C.load_hf(only)[0].parscale_n == 2 and os.path.isfile(os.path.join(only, "config.json"))
+    assert load_hf(only)[0].parscale_n == 2 and os.path.isfile(os.path.join(only, "config.json"))
     rc, err = _run_cli(capsys, ["to-hf", "--checkpoint", ckpt, "--out", str(work / "hf-multi-P8"), "--P", "8"])
     assert rc == 2 and "[1, 2, 4]" in err and not os.path.exists(work / "hf-multi-P8")
 
@@ -378,7 +380,7 @@ def test_from_hf_with_P_adds_fresh_streams(exports, work, capsys):
     out = str(work / "recycled-P4")
     rc, err = _run_cli(capsys, ["from-hf", "--hf", e["hf"], "--out", out, "--P", "4"])
     assert rc == 0, err
-    cfg, params = load_params(out)
+    cfg, params = loading.load(out)
     assert cfg == e["cfg"].replace(parscale_n=4)
     assert _trees_bitwise(params["backbone"], e["params"]["backbone"])  # backbone kept bitwise
     assert params["prefix"]["k"].shape == (cfg.num_hidden_layers, 4, cfg.num_key_value_heads,
