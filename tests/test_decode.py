@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib.util
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -15,9 +13,10 @@ import pytest
 
 from parscale_jax import decode as D
 from parscale_jax import model as M
+from parscale_jax.checkpoint import save_params
+from parscale_jax.cli import eval as eval_cli
 from parscale_jax.config import preset
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAD = 256
 PROMPTS = [[5, 17, 33, 2, 90], [7, 8, 9, 10, 11, 12, 13, 14, 15], [300, 301]]  # ragged: left padding
 N_NEW = 10
@@ -48,6 +47,18 @@ def setup(request):
 
     gen = D.Generator(model, params, eos_id=None, pad_id=PAD, chunk=4)
     return cfg, model, params, full_logits, gen
+
+
+def make_step(model):
+    """One cached decode step, written here from the model's cache API (the code under test
+    decodes in compiled chunks instead): (params, cache, token [B], valid [B]) -> (logits, cache)."""
+
+    @jax.jit
+    def step(params, cache, token, valid):
+        logits, cache = model.apply({"params": params}, token[:, None], attention_mask=valid[:, None], cache=cache)
+        return logits[:, 0].astype(jnp.float32), cache
+
+    return step
 
 
 def _buffer(prompts, total, S=None):
@@ -81,7 +92,7 @@ def test_cached_steps_match_full_forward(setup):
     fed = rng.integers(0, 256, size=(len(PROMPTS), 6)).astype(np.int32)  # teacher-forced tokens
     buf, bmask, S = _buffer(PROMPTS, TOTAL)
     buf[:, S:S + 6] = fed
-    step = D.make_step(model)
+    step = make_step(model)
     cache = M.init_cache(model, params, len(PROMPTS), S + 6)
     logits, cache = gen.prefill(params, cache, buf[:, :S], bmask[:, :S])
     ref = np.asarray(full_logits(params, buf, bmask))  # whole padded sequence, no cache
@@ -101,7 +112,7 @@ def test_reorder_cache_moves_all_streams(setup):
     cfg, model, params, full_logits, gen = setup
     order = np.array([2, 0, 0])
     fed = np.array([[40, 41], [50, 51], [60, 61]], np.int32)
-    step = D.make_step(model)
+    step = make_step(model)
     toks, mask = D.left_pad(PROMPTS, PAD)
     S = toks.shape[1]
     cache = M.init_cache(model, params, 3, S + 2)
@@ -204,25 +215,16 @@ def test_sampling_frequencies():
 # ---- command line ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    from parscale_jax.checkpoint import save_params
-
     cfg, model, params = _build(4)
     path = str(tmp_path_factory.mktemp("dec") / "model")
     save_params(path, cfg, params)
     return path, cfg, model, params
 
 
-def _eval_main(argv):
-    spec = importlib.util.spec_from_file_location("eval_cli", os.path.join(ROOT, "eval.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.main(argv)
-
-
 def test_cli_generate_greedy(ckpt, tmp_path, capsys):
     path, cfg, model, params = ckpt
     out = str(tmp_path / "gen.json")
-    rc = _eval_main(["generate", "--checkpoint", path, "--prompt", "def f(x):", "--max-new-tokens", "7",
+    rc = eval_cli.main(["generate", "--checkpoint", path, "--prompt", "def f(x):", "--max-new-tokens", "7",
                      "--no-stop", "--chunk", "3", "--output", out])
     stdout, stderr = capsys.readouterr()
     assert rc == 0, stderr
