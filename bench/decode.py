@@ -38,10 +38,9 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as B  # noqa: E402
+import _common as B  # bench/ is the folder of the running script, so its helpers import directly
 
-from parscale_jax.errors import UserError, cli_entry  # noqa: E402
+from parscale_jax.errors import UserError, cli_entry
 
 BASE = dict(vocab_size=384, hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8,
             num_key_value_heads=2, parscale_n_tokens=48, max_position_embeddings=1024, tie_word_embeddings=True)

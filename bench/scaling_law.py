@@ -22,10 +22,9 @@ import shutil
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as B  # noqa: E402
+import _common as B  # bench/ is the folder of the running script, so its helpers import directly
 
-from parscale_jax.errors import UserError, cli_entry  # noqa: E402
+from parscale_jax.errors import UserError, cli_entry
 
 # (hidden, intermediate, layers); heads stay at the tiny preset's 4 query / 2 KV heads
 DEFAULT_SIZES = "32x80x2,64x160x2,128x320x2"
@@ -45,7 +44,7 @@ def parse_sizes(text: str) -> list[tuple[int, int, int]]:
 
 
 def run_one(args, H: int, I: int, L: int, P: int) -> dict:
-    from parscale_jax import checkpoint as C
+    from parscale_jax import loading
     from parscale_jax import model as M
     from parscale_jax import runner, train_config
 
@@ -70,7 +69,7 @@ def run_one(args, H: int, I: int, L: int, P: int) -> dict:
     wall = time.time() - t0
     if s.get("interrupted"):
         raise KeyboardInterrupt
-    params = C.load_params(wd)[1]
+    params = loading.load(wd)[1]
     rec = {"run": name, "H": H, "I": I, "L": L, "P": P, "overrides": over,
            "params": M.count_params(params),
            "non_embedding": M.count_params(params, non_embedding=True),

@@ -23,7 +23,9 @@ import random
 import sys
 from typing import Iterable
 
+from parscale_jax import data
 from parscale_jax.errors import UserError, cli_entry
+from parscale_jax.fileio import atomic_file
 
 MIN_LINE, MAX_LINE = 16, 100  # bytes of a non-trivial line, stripped
 CTX_MIN, CTX_MAX, CTX_HARD_MAX = 200, 320, 400
@@ -36,8 +38,6 @@ def heldout_source_files(source: str = "stdlib", heldout_fraction: float | None 
     Only whole text files count (JSONL records and ``.npy`` ids are skipped); a source whose split
     falls back to a token-level cut (e.g. one file) has no held-out *files* and is an error.
     """
-    from parscale_jax import data
-
     kw = {} if heldout_fraction is None else {"heldout_fraction": heldout_fraction}
     cfg = data.DataConfig(source=source, **kw)
     split = data.split_units(cfg)
@@ -130,12 +130,9 @@ def build_nextline(files: Iterable[tuple[str, str]], n: int = 400, seed: int = 0
 
 
 def write_jsonl(records: list[dict], out: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = out + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_file(out, "w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=True) + "\n")
-    os.replace(tmp, out)
 
 
 @cli_entry

@@ -6,34 +6,23 @@ from __future__ import annotations
 
 import collections
 import functools
-import importlib.util
 import json
 import math
-import os
 
 import jax
 import numpy as np
 import pytest
 
-from parscale_jax import checkpoint, data, recycle, tasks
+from parscale_jax import checkpoint, data, hf, loading, recycle, tasks
 from parscale_jax import evaluate as E
 from parscale_jax import model as M
+from parscale_jax.cli import eval as cli
 from parscale_jax.config import preset
 from parscale_jax.errors import UserError
+from parscale_jax.params import trees_equal
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EOS = 258
 POSITIONS = 64
-
-
-def _load_cli():
-    spec = importlib.util.spec_from_file_location("eval_cli", os.path.join(ROOT, "eval.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-cli = _load_cli()
 
 
 def _perturbed(params, P):
@@ -200,13 +189,13 @@ def test_malformed_task_records_name_the_line(tmp_path, lines, lineno, what):
 
 # ---- checkpoints at a chosen P -----------------------------------------------------------------
 def test_load_checkpoint_selects_P(models, ckpt):
-    cfg, params = E.load_checkpoint(ckpt)  # default: the config's P
-    assert cfg.parscale_n == 4 and recycle.trees_equal(params, models[4][2])
-    cfg1, params1 = E.load_checkpoint(ckpt, 1)
+    cfg, params = loading.load(ckpt)  # default: the config's P
+    assert cfg.parscale_n == 4 and trees_equal(params, models[4][2])
+    cfg1, params1 = loading.load(ckpt, 1)
     assert cfg1.parscale_n == 1 and cfg1.prefix_len == 0 and sorted(params1) == ["backbone"]
-    assert recycle.trees_equal(params1["backbone"], models[4][2]["backbone"])
+    assert trees_equal(params1["backbone"], models[4][2]["backbone"])
     with pytest.raises(UserError, match=r"available P = \[1, 4\]"):
-        E.load_checkpoint(ckpt, 2)
+        loading.load(ckpt, 2)
 
 
 # ---- the command line (in-process) -------------------------------------------------------------
@@ -272,7 +261,7 @@ def test_cli_data_flags_default_to_the_training_runs(models, ckpt, tmp_path, cap
     src.write_text(TEXT)
     tokens = np.array(list(TEXT.encode()) + [EOS], np.int32)
     run = {"source": str(src), "format": "text", "heldout_fraction": 0.2, "seq_len": 40, "tokenizer": "bytes"}
-    monkeypatch.setattr(cli, "_run_data", lambda args: run)
+    monkeypatch.setattr(cli, "run_data", lambda args: run)
     out = tmp_path / "r.json"
     _, model, params = models[4]
     for extra, L in (([], 40), (["--seq-len", "25"], 25)):
@@ -292,9 +281,9 @@ def test_run_config_reads_the_newest_steps_meta(tmp_path):
         (d / "metadata").write_text(json.dumps({"model": {}, "step": step, "config": {"data": {"seq_len": seq}}}))
         (d.parent / "commit_success.txt").write_text("")  # orbax's commit marker
     (tmp_path / "run" / "checkpoints" / "20.orbax-checkpoint-tmp-1").mkdir()  # uncommitted: ignored
-    assert E.run_config(str(tmp_path / "run")) == {"data": {"seq_len": 22}}
-    assert E.run_config(str(tmp_path / "run" / "checkpoints" / "3")) == {"data": {"seq_len": 11}}
-    assert E.run_config(str(tmp_path)) is None
+    assert loading.run_config(str(tmp_path / "run")) == {"data": {"seq_len": 22}}
+    assert loading.run_config(str(tmp_path / "run" / "checkpoints" / "3")) == {"data": {"seq_len": 11}}
+    assert loading.run_config(str(tmp_path)) is None
 
 
 def test_cli_tasks(models, ckpt, tmp_path, capsys):
@@ -337,16 +326,14 @@ def test_cli_errors_are_one_line(ckpt, tmp_path, capsys):
 
 
 def test_cli_hugging_face_directory(models, tmp_path, capsys):
-    """A qwen2_parscale directory (convert.save_hf) scores the same as the params it was written from."""
-    from parscale_jax import convert
-
+    """A qwen2_parscale directory (hf.save_hf) scores the same as the params it was written from."""
     cfg, model, params = models[4]
-    hf = str(tmp_path / "hf")
-    convert.save_hf(hf, cfg, params)
+    hf_dir = str(tmp_path / "hf")
+    hf.save_hf(hf_dir, cfg, params)
     src = tmp_path / "code.txt"
     src.write_text(TEXT)
     out = tmp_path / "r.json"
-    rc, _, err = _run(capsys, "--checkpoint", hf, "--data", str(src), "--split", "all", "--seq-len", "33",
+    rc, _, err = _run(capsys, "--checkpoint", hf_dir, "--data", str(src), "--split", "all", "--seq-len", "33",
                       "--max-windows", "4", "--output", str(out))
     assert rc == 0, err
     tokens = np.array(list(TEXT.encode()) + [EOS], np.int32)

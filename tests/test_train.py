@@ -61,8 +61,7 @@ def write_corpus(root: Path) -> str:
 def sub_env(devices: int, cache: Path | None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("JAX_", "XLA_")) and k not in ("COORDINATOR_ADDRESS",)}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     if cache is not None:
         env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
@@ -202,7 +201,7 @@ def test_ref_run_is_sane(ref):
 
 # ---- 3. SIGKILL, partial checkpoints, resume ------------------------------------------------
 def test_sigkill_during_async_save_then_resume_is_bitwise(ref, env):
-    from parscale_jax import checkpoint as C
+    from parscale_jax import loading
 
     root, wd = env["root"], env["root"] / "B"
     argv = ["--workdir", str(wd), "--quiet", "--summary-json", str(root / "B.json"), *COMMON, *env["data"]]
@@ -220,9 +219,9 @@ def test_sigkill_during_async_save_then_resume_is_bitwise(ref, env):
         p.unlink()
     shutil.rmtree(wd / "checkpoints" / "6" / "state" / "d")
 
-    # load_params picks the newest complete step: bitwise the uninterrupted run's step 2
-    _, got = C.load_params(str(wd))
-    _, want = C.load_params(str(ref["workdir"] / "checkpoints" / "2"))
+    # the loader picks the newest complete step: bitwise the uninterrupted run's step 2
+    _, got = loading.load(str(wd))
+    _, want = loading.load(str(ref["workdir"] / "checkpoints" / "2"))
     got, want = leaves(got), leaves(want)
     assert got.keys() == want.keys()
     for k in want:
@@ -247,10 +246,8 @@ def test_grad_accum_equals_full_batch_and_independent_grad():
     import optax
 
     from parscale_jax import model as M
-    from parscale_jax import optim as O
     from parscale_jax import train_step as TS
     from parscale_jax.config import preset
-    from parscale_jax.train_config import OptimConfig
 
     cfg = preset("tiny", parscale_n=2)
     model = M.make_model(cfg, jnp.float32)
@@ -301,7 +298,7 @@ def test_grad_accum_equals_full_batch_and_independent_grad():
 
 # ---- 6. bad input: one line, exit code 2 ------------------------------------------------------
 def _main(argv, capsys) -> tuple[int, str]:
-    import train
+    from parscale_jax.cli import train
 
     capsys.readouterr()
     rc = train.main(argv)
@@ -609,15 +606,15 @@ def test_2_processes_match_1_process_8_devices(background, mesh8, env):
     one_proc = {int(k): v for k, v in mesh8["runs"]["data-fsdp-tensor"]["losses"]}
     assert_close_losses(per_proc[0], one_proc, rtol=1e-5)
     assert ckpt_steps(env["root"] / "mp") == [2, 4, 6]
-    from parscale_jax import checkpoint as C
+    from parscale_jax import loading
 
-    cfg, params = C.load_params(str(env["root"] / "mp"))
+    cfg, params = loading.load(str(env["root"] / "mp"))
     assert cfg.parscale_n == 4 and set(params) == {"backbone", "prefix", "aggregator"}
 
 
 # ---- 5. an 8-device checkpoint restores on 1 device -----------------------------------------
 def test_8_device_checkpoint_resumes_on_1_device(mesh8, env):
-    from parscale_jax import checkpoint as C
+    from parscale_jax import loading
 
     src = Path(mesh8["runs"]["data-fsdp-tensor"]["workdir"])
     assert ckpt_steps(src) == [2, 4, 6]
@@ -632,9 +629,9 @@ def test_8_device_checkpoint_resumes_on_1_device(mesh8, env):
     assert json.loads(out.read_text())["start_step"] == 2
     eight = {int(k): v for k, v in mesh8["runs"]["data-fsdp-tensor"]["losses"] if int(k) > 2}
     assert_close_losses(losses_of(out), eight, rtol=1e-5)
-    # load_params reads the 8-device step 6 on this 1-device process; it matches the 1-device continuation
-    cfg8, p8 = C.load_params(str(src))
-    cfg1, p1 = C.load_params(str(wd))
+    # the loader reads the 8-device step 6 on this 1-device process; it matches the 1-device continuation
+    cfg8, p8 = loading.load(str(src))
+    cfg1, p1 = loading.load(str(wd))
     assert cfg8 == cfg1 and cfg8.parscale_n == 4
     p8, p1 = leaves(p8), leaves(p1)
     assert p8.keys() == p1.keys()
@@ -655,7 +652,7 @@ def _mesh8(args: dict) -> None:
     import jax
 
     from parscale_jax import runner, sharding, train_config
-    import train
+    from parscale_jax.cli import train
 
     root = Path(args["root"])
     out = {"runs": {}}
@@ -681,7 +678,7 @@ def _train(hooks: dict, argv: list[str]) -> int:
     import orbax.checkpoint as ocp
 
     from parscale_jax import data as D
-    import train
+    from parscale_jax.cli import train
 
     if "sigkill_in_save" in hooks:
         finalize = ocp.CompositeCheckpointHandler.finalize
