@@ -135,8 +135,7 @@ def write_jsonl(records: list[dict], out: str) -> None:
             f.write(json.dumps(r, ensure_ascii=True) + "\n")
 
 
-@cli_entry
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m parscale_jax.tasks", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="build the nextline task from the held-out split of the default corpus")
@@ -147,7 +146,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="text source (the training pipeline's data.source): its held-out files are used")
     b.add_argument("--heldout-fraction", type=float, default=None,
                    help="the training run's data.heldout_fraction (default: the pipeline's default)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.n < 1:
         raise UserError(f"--n {args.n} is invalid: use a positive number of records")
     records = build_nextline(heldout_source_files(args.source, args.heldout_fraction), args.n, args.seed)

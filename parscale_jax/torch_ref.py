@@ -320,7 +320,7 @@ def _tokenizer(path: str):
     return (lambda s: list(s.encode("utf-8"))), (lambda ids: bytes(i for i in ids if i < 256).decode("utf-8", "replace"))
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m parscale_jax.torch_ref",
                                  description="Greedy continuation with the PyTorch reference of qwen2 / qwen2_parscale.")
     ap.add_argument("model", help="a Hugging Face directory written by `convert to-hf` (config.json + safetensors)")
@@ -330,7 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--eos", type=int, default=None, help="stop at this id (default: generation_config.json's)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         if not os.path.isfile(os.path.join(args.model, "config.json")):
             raise ValueError(f"{args.model} is not a model directory (no config.json)")
