@@ -7,8 +7,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import runpy
 import shutil
-import subprocess
 import sys
 
 import jax
@@ -30,7 +30,6 @@ from parscale_jax.hf import load_hf  # noqa: E402
 from parscale_jax.torch_ref import TorchParScale  # noqa: E402
 
 torch.set_num_threads(2)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ATOL = 1e-4
 N_NEW = 8
 PROMPT = np.array([[5, 17, 33, 2, 90, 11], [7, 8, 9, 300, 301, 12]], np.int32)
@@ -164,6 +163,7 @@ def exports(work):
 
 
 # ---- P = 1 against stock transformers --------------------------------------------------------
+@pytest.mark.slow
 def test_p1_export_loads_in_transformers_with_equal_logits(exports):
     from transformers import Qwen2ForCausalLM
 
@@ -184,6 +184,7 @@ def test_p1_export_loads_in_transformers_with_equal_logits(exports):
     assert os.path.isfile(os.path.join(e["hf"], "tokenizer.json"))  # copied along
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_random_transformers_qwen2_imports_with_equal_logits(work, capsys, tied):
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -212,6 +213,7 @@ def test_random_transformers_qwen2_imports_with_equal_logits(work, capsys, tied)
 
 
 # ---- P > 1 against the PyTorch reference -----------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["P2", "P4"])
 def test_parscale_export_format_and_torch_reference(exports, name):
     e = exports[name]
@@ -243,6 +245,7 @@ def test_parscale_export_format_and_torch_reference(exports, name):
     assert len(set(want[:, PROMPT.shape[1]:].ravel().tolist())) > 2  # not a degenerate constant continuation
 
 
+@pytest.mark.slow
 def test_torch_reference_left_padded_batch_equals_single_rows(exports):
     """The reference's padded batch and its KV cache against unpadded one-row runs."""
     ref = TorchParScale.from_pretrained(exports["P4"]["hf"])
@@ -260,6 +263,7 @@ def test_torch_reference_left_padded_batch_equals_single_rows(exports):
             torch.testing.assert_close(full[b, S - len(r):], ref(torch.tensor([r]))[0], atol=ATOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_torch_reference_cli(exports, capsys):
     from parscale_jax import torch_ref
 
@@ -293,6 +297,7 @@ def test_jax_hf_jax_bitwise(exports, work, capsys, name):
     assert os.path.isfile(os.path.join(back, "tokenizer.json"))
 
 
+@pytest.mark.slow
 def test_sharded_export_round_trips(exports, work, capsys):
     from transformers import Qwen2ForCausalLM
 
@@ -320,6 +325,7 @@ def test_sharded_export_round_trips(exports, work, capsys):
         np.testing.assert_allclose(_jax_logits(cfg, params, tokens), ref, atol=ATOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_bfloat16_export_loads(exports, work, capsys):
     from transformers import Qwen2ForCausalLM
 
@@ -375,6 +381,7 @@ def test_multi_p_checkpoint_exports_one_directory_per_p(exports, work, capsys):
     assert rc == 2 and "[1, 2, 4]" in err and not os.path.exists(work / "hf-multi-P8")
 
 
+@pytest.mark.slow
 def test_from_hf_with_P_adds_fresh_streams(exports, work, capsys):
     e = exports["P1"]
     out = str(work / "recycled-P4")
@@ -456,8 +463,13 @@ def test_errors_are_one_line_with_exit_code_2(exports, work, capsys):
         assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and word in err, (case, err)
 
 
-def test_command_line_exit_code(exports, work):
-    """The real `python -m` entry point: exit status 2 and one line on stderr, no traceback."""
-    r = subprocess.run([sys.executable, "-m", "parscale_jax.convert", "from-hf", "--hf", str(work / "nowhere"),
-                        "--out", str(work / "cli-out")], capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+def test_command_line_exit_code(exports, work, capsys, monkeypatch):
+    """`python -m parscale_jax.convert` as Python runs it (its __main__ block, in-process): exit
+    status 2 and one line on stderr, no traceback."""
+    argv = ["from-hf", "--hf", str(work / "nowhere"), "--out", str(work / "cli-out")]
+    monkeypatch.setattr(sys, "argv", ["parscale_jax.convert", *argv])
+    monkeypatch.delitem(sys.modules, "parscale_jax.convert")  # run afresh as __main__, as `python -m` does
+    with pytest.raises(SystemExit) as e:
+        runpy.run_module("parscale_jax.convert", run_name="__main__", alter_sys=True)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err

@@ -169,6 +169,7 @@ def test_state_resumes_the_uninterrupted_sequence(corpus):
     bad.close()
 
 
+@pytest.mark.multiprocess
 def test_state_resumes_across_worker_processes(corpus):
     """grain worker processes (spawned) deliver the same batches, and the state moves between settings."""
     cfg, rows = corpus

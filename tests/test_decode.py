@@ -86,6 +86,7 @@ S_MAX = max(map(len, PROMPTS))
 TOTAL = S_MAX + N_NEW  # every reference forward uses this one length: one compilation
 
 
+@pytest.mark.slow
 def test_cached_steps_match_full_forward(setup):
     cfg, model, params, full_logits, gen = setup
     rng = np.random.default_rng(0)
@@ -108,6 +109,7 @@ def test_cached_steps_match_full_forward(setup):
     assert cache["k"].shape[:4] == (cfg.parscale_n, cfg.num_hidden_layers, len(PROMPTS), cfg.prefix_len + S + 6)
 
 
+@pytest.mark.slow
 def test_reorder_cache_moves_all_streams(setup):
     cfg, model, params, full_logits, gen = setup
     order = np.array([2, 0, 0])
@@ -133,6 +135,7 @@ def test_reorder_cache_moves_all_streams(setup):
     np.testing.assert_allclose(np.asarray(logits), ref[:, S + 1], atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_greedy_matches_argmax_loop_and_stops_at_eos(setup):
     cfg, model, params, full_logits, gen = setup
     ref = reference_greedy(full_logits, params, PROMPTS, N_NEW)
@@ -154,6 +157,7 @@ def test_greedy_matches_argmax_loop_and_stops_at_eos(setup):
     assert len(out[0]) <= 4
 
 
+@pytest.mark.slow
 def test_sampling_reproducible_and_seeded(setup):
     cfg, model, params, _, gen = setup
     s = D.Sampling(temperature=1.0, top_k=50, top_p=0.95)
@@ -221,6 +225,7 @@ def ckpt(tmp_path_factory):
     return path, cfg, model, params
 
 
+@pytest.mark.slow
 def test_cli_generate_greedy(ckpt, tmp_path, capsys):
     path, cfg, model, params = ckpt
     out = str(tmp_path / "gen.json")

@@ -94,6 +94,7 @@ def ref_window_nll(model, params, tokens, L, max_windows=None):
 
 
 # ---- held-out loss -----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_window_loss_matches_loop_over_windows(models):
     cfg, model, params = models[4]
     rng = np.random.default_rng(0)
@@ -117,6 +118,7 @@ def test_window_loss_matches_loop_over_windows(models):
     assert E.heldout_loss(model, params, tokens, L, 2)["bits_per_byte"] is None  # no tokenizer
 
 
+@pytest.mark.slow
 def test_window_loss_compiles_once_per_model_and_shape(models):
     """The training loop calls it at every eval: new params of the same shapes must not recompile."""
     cfg, model, params = models[1]
@@ -154,6 +156,7 @@ def ref_choice_logliks(model, params, records, max_len):
     return np.array(out)
 
 
+@pytest.mark.slow
 def test_choice_scoring_matches_loop_of_full_forwards(models):
     cfg, model, params = models[4]
     ref = ref_choice_logliks(model, params, RECORDS, POSITIONS)
@@ -188,6 +191,7 @@ def test_malformed_task_records_name_the_line(tmp_path, lines, lineno, what):
 
 
 # ---- checkpoints at a chosen P -----------------------------------------------------------------
+@pytest.mark.slow
 def test_load_checkpoint_selects_P(models, ckpt):
     cfg, params = loading.load(ckpt)  # default: the config's P
     assert cfg.parscale_n == 4 and trees_equal(params, models[4][2])
@@ -216,6 +220,7 @@ def _one_line_error(rc, err, *words):
 TEXT = "".join(f"def f{i}(x):\n    return x * {i} + {i * i}\n\n" for i in range(80))
 
 
+@pytest.mark.slow
 def test_cli_loss_on_all_data_matches_reference(models, ckpt, tmp_path, capsys):
     src = tmp_path / "code.txt"
     src.write_text(TEXT)
@@ -237,6 +242,7 @@ def test_cli_loss_on_all_data_matches_reference(models, ckpt, tmp_path, capsys):
         assert f"{res['loss']:.4f}" in stdout and "bits per byte" in stdout
 
 
+@pytest.mark.slow
 def test_cli_loss_default_split_is_the_pipelines_heldout(models, ckpt, tmp_path, capsys):
     """One file: the pipeline holds out the last ceil(5%) of its tokens; eval scores exactly those."""
     src = tmp_path / "code.txt"
@@ -254,6 +260,7 @@ def test_cli_loss_default_split_is_the_pipelines_heldout(models, ckpt, tmp_path,
     np.testing.assert_allclose(res["loss"], total / n_t, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_cli_data_flags_default_to_the_training_runs(models, ckpt, tmp_path, capsys, monkeypatch):
     """For a training checkpoint the run's data section (source, split fraction, window length)
     fills the flags not given; a flag given wins."""
@@ -286,6 +293,7 @@ def test_run_config_reads_the_newest_steps_meta(tmp_path):
     assert loading.run_config(str(tmp_path)) is None
 
 
+@pytest.mark.slow
 def test_cli_tasks(models, ckpt, tmp_path, capsys):
     path, out = tmp_path / "mini.jsonl", tmp_path / "r.json"
     path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
@@ -302,6 +310,7 @@ def test_cli_tasks(models, ckpt, tmp_path, capsys):
     assert "loss" not in res and "mini acc" in stdout  # --tasks alone: no loss pass
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(ckpt, tmp_path, capsys):
     rc, _, err = _run(capsys, "--checkpoint", str(tmp_path / "nope"))
     _one_line_error(rc, err, "does not exist", "nope")
@@ -325,6 +334,7 @@ def test_cli_errors_are_one_line(ckpt, tmp_path, capsys):
     _one_line_error(rc, err, "positions", str(POSITIONS))
 
 
+@pytest.mark.slow
 def test_cli_hugging_face_directory(models, tmp_path, capsys):
     """A qwen2_parscale directory (hf.save_hf) scores the same as the params it was written from."""
     cfg, model, params = models[4]

@@ -5,6 +5,7 @@ frozen backbone at P=2 and at P=4, both adding their set to one multi-P checkpoi
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -21,6 +22,8 @@ from parscale_jax import runner, train_config
 from parscale_jax.cli import eval as eval_cli
 from parscale_jax.errors import UserError
 from parscale_jax.params import available_P, trees_equal
+
+pytestmark = pytest.mark.slow  # three training runs in the module fixture
 
 COMMON = ["model.preset=tiny", "data.seq_len=32", "batch_size=8", "steps=4", "log_every=2",
           "eval_every=0", "eval_windows=4", "dtype=float32", "checkpoint.every=4", "optim.warmup_steps=1",
@@ -48,10 +51,10 @@ def runs(tmp_path_factory):
     data = [f"data.source={src}", "data.heldout_fraction=0.2"]
     out = {"root": root, "data": data, "stage1": root / "stage1", "multi": root / "multi"}
     _train(out["stage1"], *data, "model.parscale_n=1")
-    for P in (2, 4):
+    for P in (2, 4):  # no held-out split: no final evaluation to compile (only stage 1's is compared)
         out[f"frozen{P}"] = root / f"frozen{P}"
-        _train(out[f"frozen{P}"], *data, f"model.parscale_n={P}", f"init_from={out['stage1']}",
-               "freeze_backbone=true", f"add_to={out['multi']}")
+        _train(out[f"frozen{P}"], *data, "data.heldout_fraction=0", f"model.parscale_n={P}",
+               f"init_from={out['stage1']}", "freeze_backbone=true", f"add_to={out['multi']}")
     return out
 
 
@@ -62,9 +65,9 @@ def _leaves(tree):
 
 def test_stage2_init_keeps_backbone_and_shapes():
     cfg1 = train_config.load(None, COMMON).model
-    backbone = M.init_params(M.make_model(cfg1), jax.random.PRNGKey(3))["backbone"]
+    backbone = jax.jit(functools.partial(M.init_params, M.make_model(cfg1)))(jax.random.PRNGKey(3))["backbone"]
     cfg4 = cfg1.replace(parscale_n=4)
-    params = R.stage2_init(jax.tree.map(np.asarray, backbone), cfg4, jax.random.PRNGKey(5))
+    params = jax.jit(R.stage2_init, static_argnums=1)(jax.tree.map(np.asarray, backbone), cfg4, jax.random.PRNGKey(5))
     assert trees_equal(params["backbone"], backbone)
     L, nKV, T, hd, H = cfg4.num_hidden_layers, cfg4.num_key_value_heads, cfg4.parscale_n_tokens, cfg4.hd, cfg4.hidden_size
     assert params["prefix"]["k"].shape == (L, 4, nKV, T, hd) == params["prefix"]["v"].shape
@@ -74,7 +77,8 @@ def test_stage2_init_keeps_backbone_and_shapes():
         assert np.all(np.isfinite(leaf)), name
     assert np.std(params["prefix"]["k"]) > 0  # explicitly initialised, not zeros
     with pytest.raises(UserError, match="backbone"):
-        R.stage2_init(backbone, cfg4.replace(hidden_size=32, intermediate_size=64), jax.random.PRNGKey(0))
+        jax.jit(R.stage2_init, static_argnums=1)(backbone, cfg4.replace(hidden_size=32, intermediate_size=64),
+                                                 jax.random.PRNGKey(0))
 
 
 def test_frozen_backbone_is_bitwise_unchanged_and_has_no_optimizer_state(runs):
@@ -85,7 +89,8 @@ def test_frozen_backbone_is_bitwise_unchanged_and_has_no_optimizer_state(runs):
         assert cfg.parscale_n == P
         assert trees_equal(trained["backbone"], stage1["backbone"]), f"P={P}: backbone changed"
         # prefixes and aggregator moved away from their stage-2 initialisation
-        fresh = R.stage2_init(stage1["backbone"], cfg, jax.random.fold_in(jax.random.PRNGKey(0), 1))
+        fresh = jax.jit(R.stage2_init, static_argnums=1)(stage1["backbone"], cfg,
+                                                         jax.random.fold_in(jax.random.PRNGKey(0), 1))
         for g in ("prefix", "aggregator"):
             for name, leaf in _leaves(trained[g]).items():
                 assert not np.array_equal(leaf, _leaves(fresh[g])[name]), f"P={P}: {g}/{name} did not train"

@@ -193,6 +193,7 @@ def ref(env, background):
 
 
 # ---- the reference run -----------------------------------------------------------------------
+@pytest.mark.slow
 def test_ref_run_is_sane(ref):
     L = ref["losses"]
     assert sorted(L) == list(range(1, STEPS + 1))
@@ -202,6 +203,7 @@ def test_ref_run_is_sane(ref):
 
 
 # ---- 3. SIGKILL, partial checkpoints, resume ------------------------------------------------
+@pytest.mark.slow
 def test_sigkill_during_async_save_then_resume_is_bitwise(ref, env):
     from parscale_jax import loading
 
@@ -242,6 +244,7 @@ def test_sigkill_during_async_save_then_resume_is_bitwise(ref, env):
 
 
 # ---- 4. gradient accumulation -----------------------------------------------------------------
+@pytest.mark.slow
 def test_grad_accum_equals_full_batch_and_independent_grad():
     import jax
     import jax.numpy as jnp
@@ -319,6 +322,7 @@ BAD = {  # overrides -> words the one-line message must hold
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_input_one_line_exit_2(case, env, ref, capsys, tmp_path):
     over, needles = BAD[case]
@@ -341,6 +345,7 @@ def test_bad_input_one_line_exit_2(case, env, ref, capsys, tmp_path):
         assert ckpt_steps(wd) == [2, 4, 6]
 
 
+@pytest.mark.slow
 def test_non_utf8_text_never_crashes(env, ref):
     from parscale_jax import data as D
     from parscale_jax import train_config
@@ -511,6 +516,7 @@ def _tb_scalars(folder: Path) -> dict[tuple[str, int], float]:
     return out
 
 
+@pytest.mark.slow
 def test_metrics_jsonl_and_tensorboard(ref):
     recs = [json.loads(ln) for ln in (ref["workdir"] / "metrics.jsonl").read_text().splitlines()]
     assert recs[0].get("event") == "start" and recs[-1].get("event") == "end"
@@ -526,6 +532,7 @@ def test_metrics_jsonl_and_tensorboard(ref):
 
 
 # ---- 7. SIGTERM: checkpoint, clean exit, exact resume -------------------------------------------
+@pytest.mark.slow
 def test_sigterm_writes_checkpoint_and_exits_cleanly(ref, env):
     root, wd = env["root"], env["root"] / "T"
     argv = ["--workdir", str(wd), "--quiet", "--summary-json", str(root / "T.json"), *COMMON, *env["data"],
@@ -557,6 +564,7 @@ NAN_RUN = ["model.preset=tiny", "model.parscale_n=1", "data.seq_len=16", "batch_
            "optim.schedule=constant", "checkpoint.every=1", "checkpoint.keep=5", "checkpoint.async_save=false"]
 
 
+@pytest.mark.slow
 def test_nan_policy_stop_names_the_step(env, capsys, tmp_path):
     rc, err = _main(["--workdir", str(tmp_path), "--quiet", *NAN_RUN, *env["data"], "nan_policy=stop"], capsys)
     line = one_line_error(rc, err)
@@ -568,6 +576,7 @@ def test_nan_policy_stop_names_the_step(env, capsys, tmp_path):
     assert len(finite) + 1 not in ckpt_steps(tmp_path)
 
 
+@pytest.mark.slow
 def test_nan_policy_skip_keeps_params(env, capsys, tmp_path):
     from parscale_jax import checkpoint as C
 
@@ -589,6 +598,8 @@ def test_nan_policy_skip_keeps_params(env, capsys, tmp_path):
 
 # ---- last: the tests that wait for the background jobs ----------------------------------------
 # ---- 1. meshes of 8 simulated devices -------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("mesh", sorted(MESHES_8))
 def test_8_devices_match_1_device(mesh8, ref, mesh):
     got = mesh8["runs"][mesh]
@@ -599,6 +610,8 @@ def test_8_devices_match_1_device(mesh8, ref, mesh):
 
 
 # ---- 2. two processes x 4 devices -----------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_2_processes_match_1_process_8_devices(background, mesh8, env):
     results = [background[f"mp{i}"].result() for i in range(2)]
     for rc, _, err in results:
@@ -615,6 +628,8 @@ def test_2_processes_match_1_process_8_devices(background, mesh8, env):
 
 
 # ---- 5. an 8-device checkpoint restores on 1 device -----------------------------------------
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_8_device_checkpoint_resumes_on_1_device(mesh8, env):
     from parscale_jax import loading
 
@@ -643,6 +658,8 @@ def test_8_device_checkpoint_resumes_on_1_device(mesh8, env):
 
 
 # ---- 6. (continued) ------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_batch_not_divisible_by_data_shards(mesh8):
     rc, err = mesh8["batch_error"]
     line = one_line_error(rc, err)
