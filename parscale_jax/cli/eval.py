@@ -136,6 +136,7 @@ def _tasks(args, task_records, model, params, tok) -> tuple[dict, list[tuple[str
         n_seq = sum(len(r["choices"]) for r in recs)
         progress = Progress(n_seq, unit="seq", desc=name, min_interval=10.0)
         t0 = time.perf_counter()
+        progress.begin()
         r = E.choice_accuracy(model, params, recs, tok, args.batch_size, progress=lambda i, n: progress.update(i))
         progress.end()
         r.pop("loglik")

@@ -95,6 +95,7 @@ def run(args) -> int:
                         min_interval=10.0)
     done = 0
     t0 = time.perf_counter()
+    progress.begin()
 
     def on_chunk(toks):
         nonlocal done
