@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo recycle clean
+.PHONY: setup test test-fast demo recycle clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -16,6 +16,10 @@ setup: $(STAMP)
 
 test: setup
 	$(BIN)/python -m pytest tests
+
+# The quick loop (< 2 min on 2 cores): everything but the tests marked slow (training runs, subprocesses).
+test-fast: setup
+	$(BIN)/python -m pytest tests -m "not slow"
 
 # Train tiny at P=1 and P=4 on the default corpus, evaluate both, print a table (< 10 min on 2 cores).
 demo: setup

@@ -1,51 +1,11 @@
-"""Train a ParScale model.
+"""Train a ParScale model: ``python train.py --config configs/tiny.yaml --workdir runs/x key=value ...``.
 
-    python train.py --config configs/tiny.yaml --workdir runs/tiny-p4 model.parscale_n=4 optim.lr=3e-3
-
-Overrides are dotted ``key=value`` pairs (see the README's config reference, or --print-config).
-Running again with the same workdir resumes from its newest complete checkpoint.
+A thin wrapper: the command line is :mod:`parscale_jax.cli.train` (also installed as
+``parscale-train``); ``python train.py --help`` lists the flags.
 """
-from __future__ import annotations
-
-import argparse
-import json
 import sys
 
-from parscale_jax.errors import cli_entry
-
-
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", help="YAML config (configs/NAME.yaml); defaults when omitted")
-    ap.add_argument("--workdir", help="run directory: checkpoints, metrics.jsonl, tb/, config.yaml")
-    ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    ap.add_argument("--summary-json", help="also write the run summary (losses, tokens/s, held-out loss) here")
-    ap.add_argument("--quiet", action="store_true", help="no progress output")
-    ap.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. model.parscale_n=4")
-    return ap.parse_intermixed_args(argv)
-
-
-@cli_entry
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    from parscale_jax import train_config
-    from parscale_jax.errors import UserError
-
-    cfg = train_config.load(args.config, args.overrides)
-    if args.print_config:
-        print(cfg.to_yaml(), end="")
-        return 0
-    if not args.workdir:
-        raise UserError("--workdir is required: pass a directory for checkpoints and metrics, e.g. --workdir runs/x")
-    from parscale_jax import runner
-
-    summary = runner.train(cfg, args.workdir, verbose=not args.quiet)
-    if args.summary_json:
-        with open(args.summary_json, "w") as f:
-            json.dump(summary, f, indent=2)
-    return 0
-
+from parscale_jax.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

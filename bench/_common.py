@@ -19,10 +19,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from parscale_jax.fileio import atomic_file, write_text
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 
 def command_line() -> str:
@@ -101,13 +101,10 @@ def write_results(name: str, payload: dict[str, Any], md_body: str, title: str, 
     jpath, mpath = os.path.join(out_dir, f"{name}.json"), os.path.join(out_dir, f"{name}.md")
     payload = dict(payload)
     payload.setdefault("env", environment())
-    with open(jpath + ".tmp", "w") as f:
+    with atomic_file(jpath) as f:
         json.dump(payload, f, indent=1, default=_json_default)
         f.write("\n")
-    os.replace(jpath + ".tmp", jpath)
-    with open(mpath + ".tmp", "w") as f:
-        f.write(f"# {title}\n\n" + "\n".join(env_lines(payload["env"])) + "\n\n" + md_body.rstrip() + "\n")
-    os.replace(mpath + ".tmp", mpath)
+    write_text(mpath, f"# {title}\n\n" + "\n".join(env_lines(payload["env"])) + "\n\n" + md_body.rstrip() + "\n")
     return jpath, mpath
 
 
@@ -162,5 +159,6 @@ def save_figure(fig: Any, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, dpi=110, format="png")
     plt.close(fig)

@@ -38,10 +38,10 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as B  # noqa: E402
+import _common as B  # bench/ is the folder of the running script, so its helpers import directly
 
-from parscale_jax.errors import UserError, cli_entry  # noqa: E402
+from parscale_jax.errors import UserError, cli_entry
+from parscale_jax.fileio import write_json
 
 BASE = dict(vocab_size=384, hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8,
             num_key_value_heads=2, parscale_n_tokens=48, max_position_embeddings=1024, tie_word_embeddings=True)
@@ -245,8 +245,6 @@ def main(argv=None) -> int:
         raise UserError("--P must include 1 (latency and memory increases are over P=1)")
     name = args.name or ("decode_quick" if args.quick else "decode")
 
-    import numpy as np
-
     from parscale_jax import flops as F
     from parscale_jax import model as M
     from parscale_jax import scaling as SC
@@ -287,8 +285,7 @@ def main(argv=None) -> int:
     recs = [{"P": r["P"], "batch": r["batch"], "latency_s": r["generate_s"], "model": r["cfg"],
              "input_tokens": PROMPT, "output_tokens": NEW, "label": r["model"]} for r in rows]
     meas_path = os.path.join(args.out, f"{name}_measured.json")
-    with open(meas_path, "w") as f:
-        json.dump(recs, f, indent=1)
+    write_json(meas_path, recs, indent=1)
     cli = [sys.executable, "-m", "parscale_jax.scaling", "cost", "--measured", os.path.relpath(meas_path, B.ROOT),
            "--peak-flops", f"{peak:.4g}", "--bandwidth", f"{bw:.4g}", "--prefix-mode", "cache",
            "--protocol", "project", "--lengths", str(PROMPT), "--batch", "1", "--P", "8"]

@@ -22,10 +22,10 @@ import shutil
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as B  # noqa: E402
+import _common as B  # bench/ is the folder of the running script, so its helpers import directly
 
-from parscale_jax.errors import UserError, cli_entry  # noqa: E402
+from parscale_jax.errors import UserError, cli_entry
+from parscale_jax.fileio import write_json
 
 # (hidden, intermediate, layers); heads stay at the tiny preset's 4 query / 2 KV heads
 DEFAULT_SIZES = "32x80x2,64x160x2,128x320x2"
@@ -45,7 +45,7 @@ def parse_sizes(text: str) -> list[tuple[int, int, int]]:
 
 
 def run_one(args, H: int, I: int, L: int, P: int) -> dict:
-    from parscale_jax import checkpoint as C
+    from parscale_jax import loading
     from parscale_jax import model as M
     from parscale_jax import runner, train_config
 
@@ -70,7 +70,7 @@ def run_one(args, H: int, I: int, L: int, P: int) -> dict:
     wall = time.time() - t0
     if s.get("interrupted"):
         raise KeyboardInterrupt
-    params = C.load_params(wd)[1]
+    params = loading.load(wd)[1]
     rec = {"run": name, "H": H, "I": I, "L": L, "P": P, "overrides": over,
            "params": M.count_params(params),
            "non_embedding": M.count_params(params, non_embedding=True),
@@ -79,8 +79,7 @@ def run_one(args, H: int, I: int, L: int, P: int) -> dict:
            "train_tokens": cfg.steps * cfg.batch_size * cfg.data.seq_len,
            "final_train_loss": s["losses"][-1][1] if s.get("losses") else None,
            "tokens_per_s": s.get("tokens_per_s"), "compile_s": s.get("compile_s"), "wall_s": wall}
-    with open(done, "w") as f:
-        json.dump(rec, f, indent=1)
+    write_json(done, rec, indent=1)  # atomic: a run's "done" record is whole or absent
     B.log(f"   {name}: held-out loss {rec['eval_loss']:.4f}, {wall:.0f}s")
     return rec
 
@@ -152,8 +151,6 @@ def main(argv=None) -> int:
     sizes = parse_sizes(args.sizes)
     if any(p < 1 for p in args.P):
         raise UserError("--P values must be >= 1")
-
-    import numpy as np
 
     from parscale_jax import scaling as SC
 

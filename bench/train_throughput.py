@@ -20,10 +20,9 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as B  # noqa: E402
+import _common as B  # bench/ is the folder of the running script, so its helpers import directly
 
-from parscale_jax.errors import UserError, cli_entry  # noqa: E402
+from parscale_jax.errors import UserError, cli_entry
 
 BACKBONES = B.BACKBONES
 

@@ -28,10 +28,9 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as B  # noqa: E402
+import _common as B  # bench/ is the folder of the running script, so its helpers import directly
 
-from parscale_jax.errors import UserError, cli_entry  # noqa: E402
+from parscale_jax.errors import UserError, cli_entry
 
 BACKBONES = B.BACKBONES
 PROMPT = 64
@@ -96,7 +95,7 @@ def torch_impls(cfg, host_params, batch, seq, decode_batch, chunk, tokens_np, pr
     import torch
     import torch.nn.functional as Fn
 
-    from parscale_jax import convert as CV
+    from parscale_jax import hf as CV
     from parscale_jax.torch_ref import TorchParScale
 
     sd = {k: torch.from_numpy(np.array(v)) for k, v in CV.params_to_hf(cfg, host_params).items()}

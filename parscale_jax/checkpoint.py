@@ -10,15 +10,15 @@
   'aggregator'}, or a multi-P tree, see :mod:`parscale_jax.recycle`) and
   ``model_config.json``; written to a temporary sibling and renamed into place.
 
-:func:`load_params` reads either (a workdir, one of its step directories, or a model
-checkpoint) as numpy arrays on the host, whatever mesh wrote it.
+Reading any of them (and Hugging Face directories) for inference, export or stage 2 is
+:mod:`parscale_jax.loading`; :func:`restore_numpy` is its primitive: host numpy arrays,
+whatever mesh wrote them.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
-import shutil
-import tempfile
 from typing import Any
 
 import jax
@@ -27,68 +27,32 @@ import orbax.checkpoint as ocp
 
 from parscale_jax.config import ModelConfig
 from parscale_jax.errors import UserError
+from parscale_jax.fileio import atomic_dir, write_json
 
 MODEL_CONFIG = "model_config.json"
+CKPT_DIR = "checkpoints"
+COMMIT_MARKER = "commit_success.txt"  # orbax writes it into a step before the final rename
 
 
-def save_params(out_dir: str, cfg: ModelConfig, params: Any, extra: dict | None = None) -> str:
-    """Write a standalone model checkpoint at ``out_dir`` atomically (replaces nothing)."""
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir):
-        raise UserError(f"{out_dir} already exists: choose a new output directory or remove it")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir) + "-", dir=parent)
-    try:
-        ckptr = ocp.StandardCheckpointer()
-        ckptr.save(os.path.join(tmp, "params"), jax.device_get(params))
-        ckptr.wait_until_finished()
-        with open(os.path.join(tmp, MODEL_CONFIG), "w") as f:
-            json.dump({"model": cfg.to_dict(), **(extra or {})}, f, indent=2)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+def write_params(folder: str, cfg: ModelConfig, params: Any, extra: dict | None = None) -> None:
+    """Write a model checkpoint's files (``params/``, ``model_config.json``) into ``folder``."""
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(os.path.join(folder, "params"), jax.device_get(params))
+    ckptr.wait_until_finished()
+    write_json(os.path.join(folder, MODEL_CONFIG), {"model": cfg.to_dict(), **(extra or {})})
 
 
-def load_params(path: str) -> tuple[ModelConfig, Any]:
-    """(ModelConfig, params as numpy arrays) from a model checkpoint, a training workdir (its
-    newest complete step) or one step directory of a workdir."""
-    path = os.path.abspath(path)
-    if not os.path.exists(path):
-        raise UserError(f"checkpoint {path} does not exist: pass a training workdir, one of its "
-                        f"checkpoints/<step> directories or a saved model directory")
-    if os.path.isdir(os.path.join(path, CKPT_DIR)):  # a workdir
-        steps = complete_steps(os.path.join(path, CKPT_DIR))
-        if not steps:
-            raise UserError(f"workdir {path} holds no complete checkpoint yet: train longer or pass another path")
-        path = os.path.join(path, CKPT_DIR, str(steps[-1]))
-    if os.path.isfile(os.path.join(path, "meta", "metadata")) or os.path.isdir(os.path.join(path, "state")):
-        if not os.path.isfile(os.path.join(path, COMMIT_MARKER)):
-            raise UserError(f"checkpoint {path} has no {COMMIT_MARKER}: it was cut off while being written; "
-                            f"pass the workdir (its newest complete step is used) or an earlier step")
-        meta = _read_json_item(path, "meta")
-        cfg = ModelConfig.from_dict(meta["model"])
-        state = restore_numpy(os.path.join(path, "state"), keep=("params", "frozen"))
-        params = {**state.get("frozen", {}), **state["params"]}
-    else:
-        cfg_file = os.path.join(path, MODEL_CONFIG)
-        if not os.path.isfile(cfg_file):
-            raise UserError(f"no checkpoint at {path} (neither {MODEL_CONFIG} nor a training step): "
-                            f"pass a training workdir or a saved model directory")
-        with open(cfg_file) as f:
-            cfg = ModelConfig.from_dict(json.load(f)["model"])
-        params = restore_numpy(os.path.join(path, "params"))
-    check_finite(params)
-    return cfg, params
+def save_params(out_dir: str, cfg: ModelConfig, params: Any, extra: dict | None = None,
+                replace: bool = False) -> str:
+    """Write a standalone model checkpoint at ``out_dir`` atomically (``replace``: swap an existing one)."""
+    with atomic_dir(out_dir, replace=replace) as tmp:
+        write_params(tmp, cfg, params, extra)
+    return os.path.abspath(out_dir)
 
 
 def restore_numpy(path: str, keep: tuple[str, ...] | None = None) -> Any:
     """Restore an orbax pytree as host numpy arrays, independent of the devices that saved it.
     ``keep``: only these top-level keys (the rest is not read)."""
-    import logging
-
     ckptr = ocp.PyTreeCheckpointer()
     absl_log = logging.getLogger("absl")
     level = absl_log.level
@@ -107,7 +71,8 @@ def restore_numpy(path: str, keep: tuple[str, ...] | None = None) -> Any:
     return jax.tree.map(np.asarray, out)
 
 
-def _read_json_item(step_dir: str, name: str) -> dict:
+def read_json_item(step_dir: str, name: str) -> dict:
+    """A JSON item (``meta``, ``data``) of one step directory, read without orbax."""
     p = os.path.join(step_dir, name, "metadata")
     try:
         with open(p) as f:
@@ -118,12 +83,6 @@ def _read_json_item(step_dir: str, name: str) -> dict:
 
 
 # ---- training checkpoints ------------------------------------------------------------------
-CKPT_DIR = "checkpoints"
-
-
-COMMIT_MARKER = "commit_success.txt"  # orbax writes it into a step before the final rename
-
-
 def complete_steps(ckpt_dir: str) -> list[int]:
     """Committed steps: directories named by an integer that hold orbax's commit marker (orbax's
     temporary directories, and a step cut off mid-copy or mid-rename on a non-atomic filesystem,
@@ -177,7 +136,7 @@ class Checkpointer:
             meta=ocp.args.JsonSave(meta)), force=True)
 
     def read_meta(self, step: int) -> dict:
-        return _read_json_item(os.path.join(self.dir, str(step)), "meta")
+        return read_json_item(os.path.join(self.dir, str(step)), "meta")
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
         """Restore onto the shardings of ``abstract_state`` (ShapeDtypeStructs with .sharding):
@@ -193,12 +152,3 @@ class Checkpointer:
     def close(self) -> None:
         self.mngr.wait_until_finished()
         self.mngr.close()
-
-
-def check_finite(params: Any) -> None:
-    """Reject NaN/Inf params (e.g. an uninitialised prefix) with the name of the first bad leaf."""
-    for kp, leaf in jax.tree_util.tree_leaves_with_path(params):
-        if not np.all(np.isfinite(np.asarray(leaf, dtype=np.float32))):
-            name = "/".join(str(getattr(k, "key", k)) for k in kp)
-            raise UserError(f"param {name} holds NaN/Inf: the checkpoint is corrupt or was never initialised "
-                            f"(re-initialise it, e.g. convert from-hf --P n gives fresh prefixes)")

@@ -67,6 +67,12 @@ class ModelConfig:
         return cls(**dict(d))
 
 
+def diff(a: ModelConfig, b: ModelConfig) -> list[str]:
+    """``"model.KEY a -> b"`` for every field where the two configs differ."""
+    da, db = a.to_dict(), b.to_dict()
+    return [f"model.{k} {da[k]} -> {db[k]}" for k in da if da[k] != db.get(k)]
+
+
 def _positive_int(cfg: ModelConfig, name: str) -> None:
     v = getattr(cfg, name)
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from typing import Any, Callable, Sequence
 
 import jax
@@ -118,17 +117,6 @@ def make_prefill(model: Any) -> Callable:
     return prefill
 
 
-def make_step(model: Any) -> Callable:
-    """jit: (params, cache, token [B], valid [B]) -> (logits [B, V] f32, cache): one decode step."""
-
-    @jax.jit
-    def step(params, cache, token, valid):
-        logits, cache = model.apply({"params": params}, token[:, None], attention_mask=valid[:, None], cache=cache)
-        return logits[:, 0].astype(jnp.float32), cache
-
-    return step
-
-
 def make_decode_chunk(model: Any, pad_id: int, chunk: int) -> Callable:
     """jit: ``chunk`` decode steps in one lax.scan.
 
@@ -225,16 +213,3 @@ def _until_eos(row: np.ndarray, eos_id: int | None) -> np.ndarray:
         if len(hits):
             return row[: hits[0] + 1]
     return row
-
-
-class Progress:
-    """Tokens generated, tokens/s (for on_chunk callbacks)."""
-
-    def __init__(self):
-        self.t0 = time.perf_counter()
-        self.n = 0
-
-    def update(self, toks: np.ndarray) -> str:
-        self.n += toks.size
-        dt = time.perf_counter() - self.t0
-        return f"{self.n} tokens, {self.n / max(dt, 1e-9):.1f} tok/s"

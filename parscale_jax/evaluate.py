@@ -1,15 +1,14 @@
-"""Evaluation: held-out loss over fixed windows (shared by train.py and eval.py), loading a
-checkpoint at a chosen P, and multiple-choice scoring the lm-evaluation-harness way.
+"""Evaluation: held-out loss over fixed windows (shared by train.py and eval.py) and
+multiple-choice scoring the lm-evaluation-harness way. Models come from :mod:`parscale_jax.loading`.
 
 * :func:`heldout_loss` (built on :func:`window_loss`) is the one held-out loss: eval.py and the
   training loop both call it on ``data.heldout_tokens(...)``.
-* :func:`load_checkpoint` reads a checkpoint of this project or a Hugging Face directory and
-  selects one P of a multi-P checkpoint.
 * :func:`choice_accuracy` scores each choice by its summed log-likelihood given the context.
 """
 from __future__ import annotations
 
 import functools
+import json
 import math
 from typing import Any
 
@@ -17,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from parscale_jax.errors import UserError
 from parscale_jax.loss import token_nll
 
 
@@ -95,84 +95,12 @@ def scored_targets(tokens: np.ndarray, seq_len: int, max_windows: int | None = N
     return w[:, 1:].reshape(-1)
 
 
-# ---- loading a model at a chosen P ---------------------------------------------------------
-def load_checkpoint(path: str, P: int | None = None) -> tuple[Any, Any]:
-    """(ModelConfig at the chosen P, single-P params) from a checkpoint of this project or a
-    Hugging Face directory (``config.json`` with model_type qwen2 / qwen2_parscale).
-
-    ``P=None`` takes the config's P (or, for a multi-P checkpoint, the largest available);
-    a P the checkpoint does not hold is an error listing the available ones.
-    """
-    import json
-    import os
-
-    from parscale_jax import recycle
-    from parscale_jax.errors import UserError
-
-    if not os.path.exists(path):
-        raise UserError(f"checkpoint {path} does not exist: pass --checkpoint a model directory "
-                        f"(a training workdir, a step dir, a saved model or a Hugging Face directory)")
-    hf_cfg = os.path.join(path, "config.json")
-    model_type = None
-    if os.path.isfile(hf_cfg):
-        try:
-            with open(hf_cfg) as f:
-                model_type = json.load(f).get("model_type")
-        except (OSError, ValueError) as e:
-            raise UserError(f"{hf_cfg} is not valid JSON ({e}): repair or re-export the checkpoint") from None
-    if model_type is not None and model_type not in ("qwen2", "qwen2_parscale"):
-        raise UserError(f"{hf_cfg} has model_type {model_type!r}: only qwen2 and qwen2_parscale Hugging Face "
-                        f"checkpoints can be loaded (convert others to Qwen2 first)")
-    if model_type in ("qwen2", "qwen2_parscale"):
-        try:
-            from parscale_jax import convert
-        except ImportError as e:
-            raise UserError(f"{path} is a Hugging Face checkpoint but parscale_jax.convert is unavailable ({e})") \
-                from None
-        cfg, params = convert.load_hf(path)
-    else:
-        from parscale_jax import checkpoint
-        cfg, params = checkpoint.load_params(path)
-    avail = recycle.available_P(params)
-    if P is None:
-        P = cfg.parscale_n if cfg.parscale_n in avail else max(avail)
-    params = recycle.select_P(params, int(P))
-    return cfg.replace(parscale_n=int(P)), params
-
-
-def run_config(path: str) -> dict | None:
-    """The training config (a dict, as ``TrainConfig.to_dict()``) saved with a training checkpoint
-    (a workdir: its newest complete step; or one step directory), or None for other checkpoints."""
-    import json
-    import os
-
-    from parscale_jax import checkpoint as C
-
-    step_dir = os.path.abspath(path)
-    ckpt_dir = os.path.join(step_dir, C.CKPT_DIR)
-    if os.path.isdir(ckpt_dir):
-        steps = C.complete_steps(ckpt_dir)
-        if not steps:
-            return None
-        step_dir = os.path.join(ckpt_dir, str(steps[-1]))
-    try:
-        with open(os.path.join(step_dir, "meta", "metadata")) as f:
-            cfg = json.load(f).get("config")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return cfg if isinstance(cfg, dict) else None
-
-
 # ---- multiple-choice scoring (the lm-evaluation-harness way) -------------------------------
 def load_tasks(path: str) -> list[dict]:
     """Read a JSONL of ``{"context": str, "choices": [str, ...], "answer": int}`` records.
 
     A malformed record is a UserError naming the file and line.
     """
-    import json
-
-    from parscale_jax.errors import UserError
-
     try:
         f = open(path, "rb")
     except OSError as e:

@@ -9,10 +9,15 @@ once per token (after the streams are mixed):
     aggregator    2 * (P*H * H + H * P)                     (only for P > 1)
     LM head       2 * H * V
 A training step is 3x the forward (backward = 2x forward); rematerialisation is not counted
-(these are *model* FLOPs, the numerator of MFU). Norms, rotary, softmax and the gate's
-elementwise work are ignored (< 1% at useful sizes).
+(these are *model* FLOPs, the numerator of the MFU the training loop logs). Norms, rotary,
+softmax and the gate's elementwise work are ignored (< 1% at useful sizes).
 """
 from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
 
 from parscale_jax import hardware
 from parscale_jax.config import ModelConfig
@@ -34,19 +39,9 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 3.0 * forward_flops_per_token(cfg, seq_len)
 
 
-def mfu(cfg: ModelConfig, seq_len: int, tokens_per_second: float, peak_flops: float) -> float:
-    """Model FLOPs utilisation of a training run: achieved model FLOP/s over the peak."""
-    return train_flops_per_token(cfg, seq_len) * tokens_per_second / peak_flops
-
-
 def measured_matmul_peak(dtype: str = "float32", n: int = 1024, repeats: int = 5) -> float:
     """FLOP/s of a jit-compiled n x n matmul on the default device (best of ``repeats``): the
     CPU "peak" for MFU, which has no published figure."""
-    import time
-
-    import jax
-    import jax.numpy as jnp
-
     a = jnp.ones((n, n), dtype)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
@@ -60,8 +55,6 @@ def measured_matmul_peak(dtype: str = "float32", n: int = 1024, repeats: int = 5
 
 def device_peak_flops(device=None) -> tuple[float, str]:
     """(peak FLOP/s of one device, where the figure comes from)."""
-    import jax
-
     device = device or jax.devices()[0]
     kind = getattr(device, "device_kind", "") or ""
     acc = hardware.for_device_kind(kind)

@@ -1,5 +1,6 @@
-"""What the user sees during training: progress lines (or a bar on a terminal), metrics in
-``workdir/metrics.jsonl`` and TensorBoard event files in ``workdir/tb``. Only process 0 writes."""
+"""What the user sees: the one progress display (tqdm) for training, evaluation and generation;
+training metrics in ``workdir/metrics.jsonl`` and TensorBoard event files in ``workdir/tb``
+(only process 0 writes)."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,10 @@ import os
 import sys
 import time
 from typing import Any
+
+import numpy as np
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
 
 
 class MetricsWriter:
@@ -20,8 +25,6 @@ class MetricsWriter:
         os.makedirs(workdir, exist_ok=True)
         self._f = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
         try:
-            from tensorboardX import SummaryWriter
-
             self._tb = SummaryWriter(os.path.join(workdir, "tb"))
         except Exception as e:  # TensorBoard is a convenience; the JSONL is the record
             print(f"warning: TensorBoard logging disabled ({e})", file=sys.stderr)
@@ -45,16 +48,17 @@ class MetricsWriter:
 
 
 def _plain(v: Any) -> Any:
-    try:
-        import numpy as np
-
-        if isinstance(v, np.generic) or (hasattr(v, "shape") and getattr(v, "shape", None) == ()):
-            v = v.item()
-    except Exception:
-        pass
+    if isinstance(v, np.generic) or (hasattr(v, "shape") and getattr(v, "shape", None) == ()):
+        v = v.item()
     if isinstance(v, float):
         return v if math.isfinite(v) else str(v)
     return v
+
+
+def progress_values(loss: float, tokens_per_s: float | None, mfu: float | None) -> dict[str, str | None]:
+    """What a training progress line shows besides the step."""
+    return {"loss": f"{loss:.4f}", "tok/s": f"{tokens_per_s:,.0f}" if tokens_per_s else None,
+            "mfu": f"{100 * mfu:.1f}%" if mfu is not None else None}
 
 
 def fmt_duration(s: float) -> str:
@@ -65,46 +69,63 @@ def fmt_duration(s: float) -> str:
 
 
 class Progress:
-    """One line per ``log_every`` steps (a redrawn bar when stderr is a terminal):
-    step/total, loss, tokens/s, MFU, ETA."""
+    """The one progress display (tqdm), for training steps, scored sequences and generated tokens.
 
-    def __init__(self, total: int, start: int, enabled: bool = True):
-        self.total, self.start, self.enabled = total, start, enabled
+    On a terminal a live tqdm bar; otherwise (logs, CI) one line per update formatted by tqdm's
+    own meter, at most every ``min_interval`` seconds (and always at the end). The clock starts
+    at :meth:`begin` (training calls it after the compiling step, so rate and ETA are the steady
+    ones); ``update(n, key=value, ...)`` shows ``n`` of ``total`` and the values.
+    """
+
+    LINE = "{desc}{n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+
+    def __init__(self, total: int, start: int = 0, unit: str = "step", desc: str = "", enabled: bool = True,
+                 min_interval: float = 0.0):
+        self.total, self.start, self.unit, self.enabled = total, start, unit, enabled
+        self.desc = f"{desc}: " if desc else ""
         self.tty = enabled and sys.stderr.isatty()
-        self.t0 = None
-        self.s0 = start
+        self.min_interval = min_interval
+        self._bar: tqdm | None = None
+        self._t0: float | None = None
+        self._s0 = start
+        self._last = -math.inf
 
-    def begin(self, step: int) -> None:
-        """Start the clock (after the first, compiling step)."""
-        self.t0, self.s0 = time.perf_counter(), step
+    def begin(self, step: int | None = None) -> None:
+        """Start the clock at ``step`` (default: the start)."""
+        self._s0 = self.start if step is None else step
+        self._t0 = time.perf_counter()
+        if self.tty and self._bar is None:
+            self._bar = tqdm(total=self.total, initial=self._s0, unit=self.unit, desc=self.desc.rstrip(": "),
+                             file=sys.stderr, smoothing=0, dynamic_ncols=True)
 
-    def update(self, step: int, loss: float, tokens_per_s: float | None, mfu: float | None,
-               extra: str = "") -> None:
+    def update(self, n: int, **values: Any) -> None:
         if not self.enabled:
             return
-        eta = ""
-        if self.t0 is not None and step > self.s0:
-            rate = (time.perf_counter() - self.t0) / (step - self.s0)
-            eta = f" eta {fmt_duration(rate * (self.total - step))}"
-        width = 24
-        filled = int(width * step / max(self.total, 1))
-        bar = "#" * filled + "-" * (width - filled)
-        tps = f" {tokens_per_s:,.0f} tok/s" if tokens_per_s else ""
-        m = f" mfu {100 * mfu:.1f}%" if mfu is not None else ""
-        line = f"[{bar}] step {step}/{self.total} loss {loss:.4f}{tps}{m}{eta}{extra}"
-        if self.tty:
-            sys.stderr.write("\r" + line + "\033[K")
-            sys.stderr.flush()
-        else:
-            print(line, file=sys.stderr, flush=True)
+        if self._t0 is None:
+            self.begin()
+        postfix = {k: v for k, v in values.items() if v is not None}
+        if self._bar is not None:
+            self._bar.set_postfix(postfix, refresh=False)
+            self._bar.update(n - self._bar.n)
+            return
+        now = time.perf_counter()
+        if now - self._last < self.min_interval and n < self.total:
+            return
+        self._last = now
+        post = ", ".join(f"{k}={v}" for k, v in postfix.items())
+        print(tqdm.format_meter(n, self.total, now - self._t0, prefix=self.desc, unit=self.unit,
+                                initial=self._s0, postfix=post, bar_format=self.LINE),
+              file=sys.stderr, flush=True)
 
     def message(self, text: str) -> None:
         if not self.enabled:
             return
-        if self.tty:
-            sys.stderr.write("\r\033[K")
-        print(text, file=sys.stderr, flush=True)
+        if self._bar is not None:
+            self._bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
 
     def end(self) -> None:
-        if self.enabled and self.tty:
-            sys.stderr.write("\n")
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

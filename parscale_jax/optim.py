@@ -13,31 +13,27 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 
 
 def schedule(cfg, steps: int) -> optax.Schedule:
-    """The learning rate as a function of the step (0-based), from an OptimConfig."""
+    """The learning rate as a function of the step (0-based), from an OptimConfig, composed of
+    optax schedules: warmup ``lr * (s + 1) / warmup`` (the first step already learns), then the
+    chosen shape (``join_schedules`` hands it the steps since the end of the warmup)."""
     lr, warm = cfg.lr, min(cfg.warmup_steps, max(steps - 1, 0))
     low = lr * cfg.min_lr_ratio
-
-    def fn(step):
-        step = jnp.asarray(step, jnp.float32)
-        warmup = lr * jnp.minimum(1.0, (step + 1) / max(warm, 1)) if warm else jnp.asarray(lr, jnp.float32)
-        if cfg.schedule == "constant":
-            after = jnp.asarray(lr, jnp.float32)
-        elif cfg.schedule == "cosine":
-            t = jnp.clip((step - warm) / max(steps - 1 - warm, 1), 0.0, 1.0)
-            after = low + (lr - low) * 0.5 * (1 + jnp.cos(jnp.pi * t))
-        else:  # wsd
-            n_decay = max(int(round(cfg.decay_fraction * steps)), 1 if cfg.decay_fraction > 0 else 0)
-            start = steps - n_decay
-            t = jnp.clip((step - start + 1) / max(n_decay, 1), 0.0, 1.0) if n_decay else 0.0
-            after = lr + (low - lr) * t
-        return jnp.where(step < warm, warmup, after)
-
-    return fn
+    if cfg.schedule == "constant":
+        after = optax.constant_schedule(lr)
+    elif cfg.schedule == "cosine":
+        after = optax.cosine_decay_schedule(lr, decay_steps=max(steps - 1 - warm, 1), alpha=cfg.min_lr_ratio)
+    else:  # wsd: constant, then linear to ``low`` over the last n_decay steps, reached at the last step
+        n_decay = max(int(round(cfg.decay_fraction * steps)), 1 if cfg.decay_fraction > 0 else 0)
+        after = optax.constant_schedule(lr) if n_decay == 0 else optax.join_schedules(
+            [optax.constant_schedule(lr), optax.linear_schedule(lr, low, n_decay)], [steps - n_decay - 1 - warm])
+    if warm == 0:
+        return after
+    warmup = optax.linear_schedule(lr / warm, lr, max(warm - 1, 1))
+    return optax.join_schedules([warmup, after], [warm])
 
 
 def decay_mask(params: Any) -> Any:

@@ -7,9 +7,6 @@ scratch or, with ``init_from``, from another checkpoint's backbone (stage 2 of t
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
-import math
 import os
 import signal
 import sys
@@ -17,10 +14,9 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import yaml
 from flax import linen as nn
+from jax.experimental import multihost_utils
 
 from parscale_jax import checkpoint as C
 from parscale_jax import data as D
@@ -32,8 +28,10 @@ from parscale_jax import recycle as R
 from parscale_jax import sharding as S
 from parscale_jax import train_step as TS
 from parscale_jax.config import ModelConfig
+from parscale_jax.config import diff as config_diff
 from parscale_jax.errors import UserError
-from parscale_jax.metrics import MetricsWriter, Progress, fmt_duration
+from parscale_jax.fileio import write_text
+from parscale_jax.metrics import MetricsWriter, Progress, fmt_duration, progress_values
 from parscale_jax.train_config import TrainConfig
 
 
@@ -75,11 +73,6 @@ def mesh_rules(mesh):
         yield
 
 
-def arch_diff(a: ModelConfig, b: ModelConfig) -> list[str]:
-    da, db = a.to_dict(), b.to_dict()
-    return [f"model.{k} {da[k]} -> {db[k]}" for k in da if da[k] != db.get(k)]
-
-
 def check_workdir(workdir: str, cfg: TrainConfig, ckpt: C.Checkpointer) -> int | None:
     """The step to resume from (None: fresh); an incompatible checkpoint is a UserError."""
     step = ckpt.latest_step()
@@ -87,7 +80,7 @@ def check_workdir(workdir: str, cfg: TrainConfig, ckpt: C.Checkpointer) -> int |
         return None
     meta = ckpt.read_meta(step)
     saved = ModelConfig.from_dict(meta["model"])
-    diff = arch_diff(saved, cfg.model)
+    diff = config_diff(saved, cfg.model)
     if diff:
         raise UserError(f"workdir {workdir} holds a checkpoint (step {step}) of another model "
                         f"({'; '.join(diff)}): use a new --workdir or the same model config")
@@ -99,36 +92,6 @@ def check_workdir(workdir: str, cfg: TrainConfig, ckpt: C.Checkpointer) -> int |
 
 def _nbytes(tree) -> int:
     return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
-
-
-def load_init_params(path: str, cfg: ModelConfig, rng) -> tuple[dict, dict]:
-    """Stage-2 init: the backbone of ``path`` (this project's checkpoint or a Hugging Face dir),
-    fresh prefixes and aggregator for ``cfg.parscale_n`` (kept when the source has that P)."""
-    cfg_src, params = E.load_checkpoint(path, None)
-    src_P = cfg_src.parscale_n
-    multi = params
-    diff = [d for d in arch_diff(cfg_src.replace(parscale_n=cfg.parscale_n), cfg)
-            if not d.startswith(("model.parscale_attn_smooth", "model.max_position_embeddings"))]
-    if diff:
-        raise UserError(f"init_from={path} has another backbone ({'; '.join(diff)}): "
-                        f"use the same model sizes as that run, changing only model.parscale_n")
-    # an existing set for this P in a multi-P checkpoint is reused, otherwise fresh
-    _, full = E.load_checkpoint(path, cfg.parscale_n) if cfg.parscale_n != src_P and _has_P(path, cfg.parscale_n) \
-        else (None, None)
-    if full is not None:
-        return full, {"init_from": path, "init": f"backbone and P={cfg.parscale_n} set from {path}"}
-    if cfg.parscale_n == src_P:
-        return multi, {"init_from": path, "init": f"all params from {path}"}
-    new = R.stage2_init(jax.tree.map(np.asarray, multi["backbone"]), cfg, rng)
-    return new, {"init_from": path, "init": f"backbone from {path} (P={src_P}); fresh prefix/aggregator for P={cfg.parscale_n}"}
-
-
-def _has_P(path: str, P: int) -> bool:
-    try:
-        E.load_checkpoint(path, P)
-        return True
-    except UserError:
-        return False
 
 
 class _Signals:
@@ -157,11 +120,7 @@ class _Signals:
 
 
 def save_resolved_config(workdir: str, cfg: TrainConfig) -> None:
-    path = os.path.join(workdir, "config.yaml")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(cfg.to_yaml())
-    os.replace(tmp, path)
+    write_text(os.path.join(workdir, "config.yaml"), cfg.to_yaml())
 
 
 # ---- the loop ----------------------------------------------------------------------------
@@ -209,7 +168,7 @@ def train(cfg: TrainConfig, workdir: str, verbose: bool = True) -> dict[str, Any
     init_note = {}
     with mesh_rules(mesh):
         if resume_step is None and cfg.init_from:
-            host_params, init_note = load_init_params(cfg.init_from, cfg.model, jax.random.fold_in(rng, 1))
+            host_params, init_note = R.init_from(cfg.init_from, cfg.model, jax.random.fold_in(rng, 1))
             init_fn = lambda r: TS.new_state(host_params, tx, cfg.freeze_backbone, r)  # noqa: E731
         else:
             init_fn = lambda r: TS.new_state(M.init_params(model, r), tx, cfg.freeze_backbone, r)  # noqa: E731
@@ -268,7 +227,7 @@ def train(cfg: TrainConfig, workdir: str, verbose: bool = True) -> dict[str, Any
 
     writer = MetricsWriter(workdir, enabled=main)
     start = int(jax.device_get(state["step"]))
-    progress = Progress(cfg.steps, start, enabled=verbose and main)
+    progress = Progress(cfg.steps, start, desc="train", enabled=verbose and main)
     summary: dict[str, Any] = {"P": cfg.model.parscale_n, "params": n_params, "start_step": start}
     if main and start == 0:
         writer.write(0, event="start", params=n_params, peak_flops=peak, peak_source=peak_src,
@@ -343,7 +302,7 @@ def train(cfg: TrainConfig, workdir: str, verbose: bool = True) -> dict[str, Any
                     lr = float(metrics["lr"])
                     writer.write(step, loss=loss, lr=lr, grad_norm=float(metrics["grad_norm"]),
                                  tokens_per_s=tps, mfu=mfu, tokens=step * tokens_per_step)
-                    progress.update(step, loss, tps, mfu)
+                    progress.update(step, **progress_values(loss, tps, mfu))
                     summary.update(tokens_per_s=tps or summary.get("tokens_per_s"), mfu=mfu or summary.get("mfu"))
                 if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
                     if pending is not None:
@@ -380,7 +339,7 @@ def train(cfg: TrainConfig, workdir: str, verbose: bool = True) -> dict[str, Any
     final_eval = evaluate(cfg.steps) or {}
     ckpt.close()
     if cfg.add_to and main:
-        add_set_to(cfg.add_to, cfg.model, TS.full_params(jax.device_get(state)))
+        R.add_set_to(cfg.add_to, cfg.model, TS.full_params(jax.device_get(state)))
         log(f"added the P={cfg.model.parscale_n} prefix/aggregator set to {cfg.add_to}")
     writer.write(cfg.steps, event="end", elapsed_s=elapsed, compile_s=compile_s, mean_tokens_per_s=mean_tps,
                  **final_eval)
@@ -394,29 +353,6 @@ def train(cfg: TrainConfig, workdir: str, verbose: bool = True) -> dict[str, Any
 
 
 def _any_process(flag) -> int | None:
-    from jax.experimental import multihost_utils
-
     got = multihost_utils.process_allgather(np.asarray(0 if flag is None else int(flag), np.int32))
     hit = [int(x) for x in np.ravel(got) if int(x)]
     return hit[0] if hit else None
-
-
-def add_set_to(path: str, cfg: ModelConfig, params: dict) -> None:
-    """Add this run's prefix/aggregator set to the multi-P model checkpoint at ``path`` (created
-    with the backbone if absent); the backbone must be bitwise the one stored there."""
-    params = jax.tree.map(np.asarray, params)
-    if os.path.exists(path):
-        base_cfg, base = C.load_params(path)
-        if arch_diff(base_cfg.replace(parscale_n=cfg.parscale_n, parscale_attn_smooth=cfg.parscale_attn_smooth), cfg):
-            raise UserError(f"add_to={path} holds another backbone: use a new path")
-        multi = R.add_set(R.to_multi(base, include_p1=base_cfg.parscale_n == 1 or "P1" in base.get("sets", {})), params)
-        tmp = path.rstrip("/") + ".new"
-        C.save_params(tmp, base_cfg, multi)
-        old = path.rstrip("/") + ".old"
-        os.replace(path, old)
-        os.replace(tmp, path)
-        import shutil
-
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        C.save_params(path, cfg, R.to_multi(params, include_p1=True))

@@ -23,7 +23,9 @@ import random
 import sys
 from typing import Iterable
 
+from parscale_jax import data
 from parscale_jax.errors import UserError, cli_entry
+from parscale_jax.fileio import atomic_file
 
 MIN_LINE, MAX_LINE = 16, 100  # bytes of a non-trivial line, stripped
 CTX_MIN, CTX_MAX, CTX_HARD_MAX = 200, 320, 400
@@ -36,8 +38,6 @@ def heldout_source_files(source: str = "stdlib", heldout_fraction: float | None 
     Only whole text files count (JSONL records and ``.npy`` ids are skipped); a source whose split
     falls back to a token-level cut (e.g. one file) has no held-out *files* and is an error.
     """
-    from parscale_jax import data
-
     kw = {} if heldout_fraction is None else {"heldout_fraction": heldout_fraction}
     cfg = data.DataConfig(source=source, **kw)
     split = data.split_units(cfg)
@@ -130,16 +130,12 @@ def build_nextline(files: Iterable[tuple[str, str]], n: int = 400, seed: int = 0
 
 
 def write_jsonl(records: list[dict], out: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = out + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_file(out, "w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=True) + "\n")
-    os.replace(tmp, out)
 
 
-@cli_entry
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m parscale_jax.tasks", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="build the nextline task from the held-out split of the default corpus")
@@ -150,7 +146,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="text source (the training pipeline's data.source): its held-out files are used")
     b.add_argument("--heldout-fraction", type=float, default=None,
                    help="the training run's data.heldout_fraction (default: the pipeline's default)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.n < 1:
         raise UserError(f"--n {args.n} is invalid: use a positive number of records")
     records = build_nextline(heldout_source_files(args.source, args.heldout_fraction), args.n, args.seed)

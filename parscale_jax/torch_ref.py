@@ -21,7 +21,8 @@ put (unrotated) before the rotated keys of the real tokens, and the gate reads t
 states concatenated in ``(h, p)`` order (feature ``h * P + p``). Batches may be left-padded
 (``attention_mask``): positions count real tokens only and padding is never attended to.
 The KV cache holds per layer a ``(k, v)`` pair ``[P*B, nKV, T + n, hd]`` whose first T
-entries are the prefix. Needs only torch and safetensors (no pickles are read).
+entries are the prefix. Needs only torch and safetensors (no pickles are read); the module
+itself imports without torch (torch is a dev dependency).
 """
 from __future__ import annotations
 
@@ -31,9 +32,21 @@ import os
 import sys
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+import tokenizers
+
+try:  # torch is a dev dependency: without it this module still imports (RefConfig, the command line's
+    import torch  # parsing and errors); building the model then says what to install
+    import torch.nn.functional as F
+    from torch import nn
+except ImportError:
+    torch = F = None
+
+    class _NeedsTorch:
+        def __init__(self, *args, **kwargs):
+            raise ImportError("parscale_jax.torch_ref needs PyTorch: pip install -e '.[dev]' (torch==2.13.0)")
+
+    class nn:  # noqa: N801  (a stand-in namespace, so that the classes below can be defined)
+        Module = _NeedsTorch
 
 
 class RefConfig:
@@ -240,13 +253,16 @@ class TorchParScale(nn.Module):
             return logits
         return logits, {"kv": kv, "valid": valid, "seen": cache["seen"] + mask.long().sum(1)}
 
-    @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int, attention_mask=None, eos_token_id: int | None = None):
         """Greedy decoding with the KV cache: prefill once, then one token per step.
 
         Prompts of different lengths go left-padded with an ``attention_mask``. Returns
         ``[B, S + max_new_tokens]``; a row that produced ``eos_token_id`` repeats it from then on.
         """
+        with torch.no_grad():
+            return self._greedy(input_ids, max_new_tokens, attention_mask, eos_token_id)
+
+    def _greedy(self, input_ids, max_new_tokens, attention_mask, eos_token_id):
         logits, cache = self.forward(input_ids, attention_mask, return_cache=True)
         out = [input_ids]
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
@@ -267,9 +283,9 @@ class TorchParScale(nn.Module):
         return res
 
     @classmethod
-    def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32) -> "TorchParScale":
-        """Load a directory with config.json and model.safetensors (or a sharded index)."""
-        from safetensors.torch import load_file
+    def from_pretrained(cls, path: str, dtype: torch.dtype | None = None) -> "TorchParScale":
+        """Load a directory with config.json and model.safetensors (or a sharded index); float32 by default."""
+        from safetensors.torch import load_file  # needs torch, like everything from here on
 
         with open(os.path.join(path, "config.json")) as f:
             model = cls(json.load(f))
@@ -290,7 +306,7 @@ class TorchParScale(nn.Module):
         if missing or extra:
             raise ValueError(f"{path}: weights do not match config.json: missing {missing[:5]}, unexpected {extra[:5]}")
         model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-        return model.to(dtype).eval()
+        return model.to(dtype or torch.float32).eval()
 
 
 # ---- command line --------------------------------------------------------------------------
@@ -298,15 +314,13 @@ def _tokenizer(path: str):
     """(encode, decode) from a tokenizer.json in ``path`` (``tokenizers`` package), else bytes."""
     tj = os.path.join(path, "tokenizer.json")
     if os.path.isfile(tj):
-        from tokenizers import Tokenizer
-
-        tok = Tokenizer.from_file(tj)
+        tok = tokenizers.Tokenizer.from_file(tj)
         return (lambda s: tok.encode(s).ids), (lambda ids: tok.decode(ids))
     # This project's byte tokenizer: id = byte value; ids >= 256 are special (PAD, BOS, EOS).
     return (lambda s: list(s.encode("utf-8"))), (lambda ids: bytes(i for i in ids if i < 256).decode("utf-8", "replace"))
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m parscale_jax.torch_ref",
                                  description="Greedy continuation with the PyTorch reference of qwen2 / qwen2_parscale.")
     ap.add_argument("model", help="a Hugging Face directory written by `convert to-hf` (config.json + safetensors)")
@@ -316,7 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--eos", type=int, default=None, help="stop at this id (default: generation_config.json's)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         if not os.path.isfile(os.path.join(args.model, "config.json")):
             raise ValueError(f"{args.model} is not a model directory (no config.json)")

@@ -14,9 +14,10 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from parscale_jax.errors import cli_entry  # noqa: E402
+from parscale_jax import loading, runner, train_config
+from parscale_jax import model as M
+from parscale_jax.errors import cli_entry
+from parscale_jax.fileio import write_json, write_text
 
 
 def table(rows: list[dict]) -> str:
@@ -38,10 +39,6 @@ def main(argv=None) -> int:
     ap.add_argument("--P", type=int, nargs="+", default=[1, 4])
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_intermixed_args(argv)
-
-    from parscale_jax import model as M
-    from parscale_jax import runner, train_config
-
     rows = []
     t0 = time.time()
     for P in args.P:
@@ -61,7 +58,7 @@ def main(argv=None) -> int:
                     s["mean_tokens_per_s"] = r["mean_tokens_per_s"]
                 if "eval_loss" in r:
                     s["eval_loss"], s["eval_bpb"] = r["eval_loss"], r["eval_bpb"]
-        params = runner.C.load_params(workdir)[1]
+        params = loading.load(workdir)[1]
         rows.append({"P": P, "params": M.count_params(params),
                      "non_embedding": M.count_params(params, non_embedding=True),
                      "eval_loss": s["eval_loss"], "eval_bpb": s["eval_bpb"],
@@ -69,11 +66,10 @@ def main(argv=None) -> int:
                      "tokens_per_s": s.get("mean_tokens_per_s") or 0.0})
     md = table(rows)
     print("\n" + md)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"rows": rows, "command": " ".join(["python", "scripts/demo.py", *(argv or sys.argv[1:])]),
-                   "wall_s": time.time() - t0}, f, indent=2)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(md + "\n")
+    write_json(os.path.join(args.out, "results.json"),
+               {"rows": rows, "command": " ".join(["python", "scripts/demo.py", *(argv or sys.argv[1:])]),
+                "wall_s": time.time() - t0})
+    write_text(os.path.join(args.out, "results.md"), md + "\n")
     print(f"\n(held-out: {rows[0].get('eval_tokens')} target tokens per model; results in {args.out}/results.md; "
           f"{time.time() - t0:.0f}s)")
     return 0

@@ -16,14 +16,16 @@ All are evaluated on the same held-out windows and on the project's nextline cho
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from parscale_jax.errors import cli_entry  # noqa: E402
+from parscale_jax import data as D
+from parscale_jax import evaluate as E
+from parscale_jax import loading, runner, tasks, train_config
+from parscale_jax import model as M
+from parscale_jax.errors import cli_entry
+from parscale_jax.fileio import write_json, write_text
 
 
 @cli_entry
@@ -37,12 +39,6 @@ def main(argv=None) -> int:
     ap.add_argument("--task-records", type=int, default=300)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_intermixed_args(argv)
-
-    from parscale_jax import data as D
-    from parscale_jax import evaluate as E
-    from parscale_jax import model as M
-    from parscale_jax import runner, tasks, train_config
-
     out = os.path.abspath(args.out)
     stage1 = os.path.join(out, "stage1")
     multi = os.path.join(out, "multi")
@@ -73,7 +69,7 @@ def main(argv=None) -> int:
     for _, wd, _, over, _ in variants:
         if not os.path.isfile(os.path.join(wd, "done")):
             run(wd, *anneal, *over)
-            open(os.path.join(wd, "done"), "w").close()
+            write_text(os.path.join(wd, "done"), "")
 
     # evaluation: the same held-out windows and task records for every model
     tok = D.load_tokenizer(base.data.tokenizer)
@@ -85,7 +81,7 @@ def main(argv=None) -> int:
     models = [("stage 1 (P=1)", stage1, None, 0)] + [(n, wd, None, args.stage2_steps) for n, wd, *_ in variants]
     models += [(f"multi-P checkpoint at P={P}", multi, P, args.stage2_steps) for P in (2, 4)]
     for name, path, P, extra_steps in models:
-        cfg, params = E.load_checkpoint(path, P)
+        cfg, params = loading.load(path, P)
         model = M.make_model(cfg)
         res = E.heldout_loss(model, params, held, seq, 32, max_windows=args.eval_windows, tokenizer=tok)
         acc = E.choice_accuracy(model, params, records, tok, batch_size=32)
@@ -109,10 +105,8 @@ def main(argv=None) -> int:
     print("\n" + verdict)
     info = {"rows": rows, "verdict": verdict, "task_records": len(records), "wall_s": time.time() - t0,
             "command": " ".join(["python", "scripts/recycle.py", *(argv if argv is not None else sys.argv[1:])])}
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(info, f, indent=2)
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(md + "\n\n" + verdict + "\n")
+    write_json(os.path.join(out, "results.json"), info)
+    write_text(os.path.join(out, "results.md"), md + "\n\n" + verdict + "\n")
     return 0
 
 

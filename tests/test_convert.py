@@ -1,14 +1,14 @@
 """Conversion to/from Hugging Face, checked by logits against independent implementations:
 stock ``transformers`` Qwen2 (P = 1), the PyTorch reference ``torch_ref`` written from the
-spec (P > 1), a JAX greedy loop by full recompute, and files read back with the
-``safetensors`` library (not the converter's own codec)."""
+spec (P > 1), a JAX greedy loop by full recompute, and files read back through torch
+(``safe_open(framework="pt")``; the converter itself reads and writes with ``safetensors.numpy``)."""
 from __future__ import annotations
 
 import functools
 import json
 import os
+import runpy
 import shutil
-import subprocess
 import sys
 
 import jax
@@ -17,18 +17,19 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.torch
 from safetensors import safe_open  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
 from parscale_jax import convert as C  # noqa: E402
+from parscale_jax import loading, recycle  # noqa: E402
 from parscale_jax import model as M  # noqa: E402
-from parscale_jax import recycle  # noqa: E402
-from parscale_jax.checkpoint import load_params, save_params  # noqa: E402
+from parscale_jax.checkpoint import save_params  # noqa: E402
 from parscale_jax.config import ModelConfig, preset  # noqa: E402
+from parscale_jax.hf import load_hf  # noqa: E402
 from parscale_jax.torch_ref import TorchParScale  # noqa: E402
 
 torch.set_num_threads(2)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ATOL = 1e-4
 N_NEW = 8
 PROMPT = np.array([[5, 17, 33, 2, 90, 11], [7, 8, 9, 300, 301, 12]], np.int32)
@@ -162,6 +163,7 @@ def exports(work):
 
 
 # ---- P = 1 against stock transformers --------------------------------------------------------
+@pytest.mark.slow
 def test_p1_export_loads_in_transformers_with_equal_logits(exports):
     from transformers import Qwen2ForCausalLM
 
@@ -182,6 +184,7 @@ def test_p1_export_loads_in_transformers_with_equal_logits(exports):
     assert os.path.isfile(os.path.join(e["hf"], "tokenizer.json"))  # copied along
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_random_transformers_qwen2_imports_with_equal_logits(work, capsys, tied):
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -200,7 +203,7 @@ def test_random_transformers_qwen2_imports_with_equal_logits(work, capsys, tied)
     ckpt = str(work / f"imported-{tied}")
     rc, err = _run_cli(capsys, ["from-hf", "--hf", src, "--out", ckpt])
     assert rc == 0, err
-    cfg, params = load_params(ckpt)
+    cfg, params = loading.load(ckpt)
     assert (cfg.parscale_n, cfg.tie_word_embeddings, cfg.rope_theta, cfg.rms_norm_eps) == (1, tied, 20000.0, 1e-5)
     assert ("lm_head" in params["backbone"]) == (not tied)
     tokens = np.random.RandomState(2).randint(0, 97, (2, 12))
@@ -210,6 +213,7 @@ def test_random_transformers_qwen2_imports_with_equal_logits(work, capsys, tied)
 
 
 # ---- P > 1 against the PyTorch reference -----------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["P2", "P4"])
 def test_parscale_export_format_and_torch_reference(exports, name):
     e = exports[name]
@@ -241,6 +245,7 @@ def test_parscale_export_format_and_torch_reference(exports, name):
     assert len(set(want[:, PROMPT.shape[1]:].ravel().tolist())) > 2  # not a degenerate constant continuation
 
 
+@pytest.mark.slow
 def test_torch_reference_left_padded_batch_equals_single_rows(exports):
     """The reference's padded batch and its KV cache against unpadded one-row runs."""
     ref = TorchParScale.from_pretrained(exports["P4"]["hf"])
@@ -258,6 +263,7 @@ def test_torch_reference_left_padded_batch_equals_single_rows(exports):
             torch.testing.assert_close(full[b, S - len(r):], ref(torch.tensor([r]))[0], atol=ATOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_torch_reference_cli(exports, capsys):
     from parscale_jax import torch_ref
 
@@ -280,17 +286,18 @@ def test_torch_reference_cli(exports, capsys):
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_jax_hf_jax_bitwise(exports, work, capsys, name):
     e = exports[name]
-    cfg, params = C.load_hf(e["hf"])
+    cfg, params = load_hf(e["hf"])
     assert cfg == e["cfg"]
     assert _trees_bitwise(params, e["params"])
     back = str(work / f"back-{name}")
     rc, err = _run_cli(capsys, ["from-hf", "--hf", e["hf"], "--out", back])
     assert rc == 0, err
-    cfg2, params2 = load_params(back)
+    cfg2, params2 = loading.load(back)
     assert cfg2 == e["cfg"] and _trees_bitwise(params2, e["params"])
     assert os.path.isfile(os.path.join(back, "tokenizer.json"))
 
 
+@pytest.mark.slow
 def test_sharded_export_round_trips(exports, work, capsys):
     from transformers import Qwen2ForCausalLM
 
@@ -307,7 +314,7 @@ def test_sharded_export_round_trips(exports, work, capsys):
         for fn in files:  # each shard under the limit unless it holds a single larger tensor
             with safe_open(os.path.join(out, fn), framework="pt") as f:
                 assert len(f.keys()) == 1 or os.path.getsize(os.path.join(out, fn)) <= 100_000 + 4096
-        cfg, params = C.load_hf(out)
+        cfg, params = load_hf(out)
         assert cfg == e["cfg"] and _trees_bitwise(params, e["params"])
         tokens = TOKENS
         with torch.no_grad():
@@ -318,6 +325,7 @@ def test_sharded_export_round_trips(exports, work, capsys):
         np.testing.assert_allclose(_jax_logits(cfg, params, tokens), ref, atol=ATOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_bfloat16_export_loads(exports, work, capsys):
     from transformers import Qwen2ForCausalLM
 
@@ -332,7 +340,7 @@ def test_bfloat16_export_loads(exports, work, capsys):
             assert json.load(f)["torch_dtype"] == "bfloat16"
         # Rounded by torch (not by the converter's codec) for the expectation.
         rounded = jax.tree.map(lambda a: torch.tensor(a).bfloat16().float().numpy(), e["params"])
-        cfg, params = C.load_hf(out)
+        cfg, params = load_hf(out)
         assert cfg == e["cfg"] and _trees_bitwise(params, rounded)
         tokens = TOKENS
         with torch.no_grad():
@@ -360,25 +368,26 @@ def test_multi_p_checkpoint_exports_one_directory_per_p(exports, work, capsys):
     rc, err = _run_cli(capsys, ["to-hf", "--checkpoint", ckpt, "--out", out])
     assert rc == 0, err
     assert sorted(os.listdir(out)) == ["P1", "P2", "P4"]
-    cfg1, p1 = C.load_hf(os.path.join(out, "P1"))
+    cfg1, p1 = load_hf(os.path.join(out, "P1"))
     assert cfg1 == e1["cfg"] and _trees_bitwise(p1, {"backbone": backbone})
     for P, (cfg_p, single) in singles.items():
-        cfg, params = C.load_hf(os.path.join(out, f"P{P}"))
+        cfg, params = load_hf(os.path.join(out, f"P{P}"))
         assert cfg == cfg_p and _trees_bitwise(params, single)
     only = str(work / "hf-multi-P2")
     rc, err = _run_cli(capsys, ["to-hf", "--checkpoint", ckpt, "--out", only, "--P", "2"])
     assert rc == 0, err
-    assert C.load_hf(only)[0].parscale_n == 2 and os.path.isfile(os.path.join(only, "config.json"))
+    assert load_hf(only)[0].parscale_n == 2 and os.path.isfile(os.path.join(only, "config.json"))
     rc, err = _run_cli(capsys, ["to-hf", "--checkpoint", ckpt, "--out", str(work / "hf-multi-P8"), "--P", "8"])
     assert rc == 2 and "[1, 2, 4]" in err and not os.path.exists(work / "hf-multi-P8")
 
 
+@pytest.mark.slow
 def test_from_hf_with_P_adds_fresh_streams(exports, work, capsys):
     e = exports["P1"]
     out = str(work / "recycled-P4")
     rc, err = _run_cli(capsys, ["from-hf", "--hf", e["hf"], "--out", out, "--P", "4"])
     assert rc == 0, err
-    cfg, params = load_params(out)
+    cfg, params = loading.load(out)
     assert cfg == e["cfg"].replace(parscale_n=4)
     assert _trees_bitwise(params["backbone"], e["params"]["backbone"])  # backbone kept bitwise
     assert params["prefix"]["k"].shape == (cfg.num_hidden_layers, 4, cfg.num_key_value_heads,
@@ -454,8 +463,13 @@ def test_errors_are_one_line_with_exit_code_2(exports, work, capsys):
         assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and word in err, (case, err)
 
 
-def test_command_line_exit_code(exports, work):
-    """The real `python -m` entry point: exit status 2 and one line on stderr, no traceback."""
-    r = subprocess.run([sys.executable, "-m", "parscale_jax.convert", "from-hf", "--hf", str(work / "nowhere"),
-                        "--out", str(work / "cli-out")], capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+def test_command_line_exit_code(exports, work, capsys, monkeypatch):
+    """`python -m parscale_jax.convert` as Python runs it (its __main__ block, in-process): exit
+    status 2 and one line on stderr, no traceback."""
+    argv = ["from-hf", "--hf", str(work / "nowhere"), "--out", str(work / "cli-out")]
+    monkeypatch.setattr(sys, "argv", ["parscale_jax.convert", *argv])
+    monkeypatch.delitem(sys.modules, "parscale_jax.convert")  # run afresh as __main__, as `python -m` does
+    with pytest.raises(SystemExit) as e:
+        runpy.run_module("parscale_jax.convert", run_name="__main__", alter_sys=True)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err

@@ -169,6 +169,7 @@ def test_state_resumes_the_uninterrupted_sequence(corpus):
     bad.close()
 
 
+@pytest.mark.multiprocess
 def test_state_resumes_across_worker_processes(corpus):
     """grain worker processes (spawned) deliver the same batches, and the state moves between settings."""
     cfg, rows = corpus
@@ -226,9 +227,6 @@ def test_stdlib_split_is_deterministic_disjoint_and_matches_the_hash_rule():
     expect = [t for d in docs if d for t in list(d) + [EOS]]
     np.testing.assert_array_equal(tokens, np.asarray(expect, np.int32))
     assert n_bytes == sum(len(d) for d in docs)
-    stats = D.corpus_stats(cfg, BYTES)
-    assert stats["heldout"]["tokens"] == len(expect) and stats["heldout"]["units"] == len(held)
-    assert stats["train"]["units"] == len(train)
 
     it = D.train_iterator(D.DataConfig(seq_len=32), BYTES, global_batch=4, process_index=1, process_count=2)
     b = next(it)["tokens"]

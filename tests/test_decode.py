@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib.util
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -15,9 +13,10 @@ import pytest
 
 from parscale_jax import decode as D
 from parscale_jax import model as M
+from parscale_jax.checkpoint import save_params
+from parscale_jax.cli import eval as eval_cli
 from parscale_jax.config import preset
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAD = 256
 PROMPTS = [[5, 17, 33, 2, 90], [7, 8, 9, 10, 11, 12, 13, 14, 15], [300, 301]]  # ragged: left padding
 N_NEW = 10
@@ -50,6 +49,18 @@ def setup(request):
     return cfg, model, params, full_logits, gen
 
 
+def make_step(model):
+    """One cached decode step, written here from the model's cache API (the code under test
+    decodes in compiled chunks instead): (params, cache, token [B], valid [B]) -> (logits, cache)."""
+
+    @jax.jit
+    def step(params, cache, token, valid):
+        logits, cache = model.apply({"params": params}, token[:, None], attention_mask=valid[:, None], cache=cache)
+        return logits[:, 0].astype(jnp.float32), cache
+
+    return step
+
+
 def _buffer(prompts, total, S=None):
     """Left-padded prompts (to S) in a fixed [B, total] buffer (room for new tokens on the right)."""
     toks, mask = D.left_pad(prompts, PAD, S)
@@ -75,13 +86,14 @@ S_MAX = max(map(len, PROMPTS))
 TOTAL = S_MAX + N_NEW  # every reference forward uses this one length: one compilation
 
 
+@pytest.mark.slow
 def test_cached_steps_match_full_forward(setup):
     cfg, model, params, full_logits, gen = setup
     rng = np.random.default_rng(0)
     fed = rng.integers(0, 256, size=(len(PROMPTS), 6)).astype(np.int32)  # teacher-forced tokens
     buf, bmask, S = _buffer(PROMPTS, TOTAL)
     buf[:, S:S + 6] = fed
-    step = D.make_step(model)
+    step = make_step(model)
     cache = M.init_cache(model, params, len(PROMPTS), S + 6)
     logits, cache = gen.prefill(params, cache, buf[:, :S], bmask[:, :S])
     ref = np.asarray(full_logits(params, buf, bmask))  # whole padded sequence, no cache
@@ -97,11 +109,12 @@ def test_cached_steps_match_full_forward(setup):
     assert cache["k"].shape[:4] == (cfg.parscale_n, cfg.num_hidden_layers, len(PROMPTS), cfg.prefix_len + S + 6)
 
 
+@pytest.mark.slow
 def test_reorder_cache_moves_all_streams(setup):
     cfg, model, params, full_logits, gen = setup
     order = np.array([2, 0, 0])
     fed = np.array([[40, 41], [50, 51], [60, 61]], np.int32)
-    step = D.make_step(model)
+    step = make_step(model)
     toks, mask = D.left_pad(PROMPTS, PAD)
     S = toks.shape[1]
     cache = M.init_cache(model, params, 3, S + 2)
@@ -122,6 +135,7 @@ def test_reorder_cache_moves_all_streams(setup):
     np.testing.assert_allclose(np.asarray(logits), ref[:, S + 1], atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_greedy_matches_argmax_loop_and_stops_at_eos(setup):
     cfg, model, params, full_logits, gen = setup
     ref = reference_greedy(full_logits, params, PROMPTS, N_NEW)
@@ -143,6 +157,7 @@ def test_greedy_matches_argmax_loop_and_stops_at_eos(setup):
     assert len(out[0]) <= 4
 
 
+@pytest.mark.slow
 def test_sampling_reproducible_and_seeded(setup):
     cfg, model, params, _, gen = setup
     s = D.Sampling(temperature=1.0, top_k=50, top_p=0.95)
@@ -204,25 +219,17 @@ def test_sampling_frequencies():
 # ---- command line ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    from parscale_jax.checkpoint import save_params
-
     cfg, model, params = _build(4)
     path = str(tmp_path_factory.mktemp("dec") / "model")
     save_params(path, cfg, params)
     return path, cfg, model, params
 
 
-def _eval_main(argv):
-    spec = importlib.util.spec_from_file_location("eval_cli", os.path.join(ROOT, "eval.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.main(argv)
-
-
+@pytest.mark.slow
 def test_cli_generate_greedy(ckpt, tmp_path, capsys):
     path, cfg, model, params = ckpt
     out = str(tmp_path / "gen.json")
-    rc = _eval_main(["generate", "--checkpoint", path, "--prompt", "def f(x):", "--max-new-tokens", "7",
+    rc = eval_cli.main(["generate", "--checkpoint", path, "--prompt", "def f(x):", "--max-new-tokens", "7",
                      "--no-stop", "--chunk", "3", "--output", out])
     stdout, stderr = capsys.readouterr()
     assert rc == 0, stderr

@@ -6,34 +6,23 @@ from __future__ import annotations
 
 import collections
 import functools
-import importlib.util
 import json
 import math
-import os
 
 import jax
 import numpy as np
 import pytest
 
-from parscale_jax import checkpoint, data, recycle, tasks
+from parscale_jax import checkpoint, data, hf, loading, recycle, tasks
 from parscale_jax import evaluate as E
 from parscale_jax import model as M
+from parscale_jax.cli import eval as cli
 from parscale_jax.config import preset
 from parscale_jax.errors import UserError
+from parscale_jax.params import trees_equal
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EOS = 258
 POSITIONS = 64
-
-
-def _load_cli():
-    spec = importlib.util.spec_from_file_location("eval_cli", os.path.join(ROOT, "eval.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-cli = _load_cli()
 
 
 def _perturbed(params, P):
@@ -105,6 +94,7 @@ def ref_window_nll(model, params, tokens, L, max_windows=None):
 
 
 # ---- held-out loss -----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_window_loss_matches_loop_over_windows(models):
     cfg, model, params = models[4]
     rng = np.random.default_rng(0)
@@ -128,6 +118,7 @@ def test_window_loss_matches_loop_over_windows(models):
     assert E.heldout_loss(model, params, tokens, L, 2)["bits_per_byte"] is None  # no tokenizer
 
 
+@pytest.mark.slow
 def test_window_loss_compiles_once_per_model_and_shape(models):
     """The training loop calls it at every eval: new params of the same shapes must not recompile."""
     cfg, model, params = models[1]
@@ -165,6 +156,7 @@ def ref_choice_logliks(model, params, records, max_len):
     return np.array(out)
 
 
+@pytest.mark.slow
 def test_choice_scoring_matches_loop_of_full_forwards(models):
     cfg, model, params = models[4]
     ref = ref_choice_logliks(model, params, RECORDS, POSITIONS)
@@ -199,14 +191,15 @@ def test_malformed_task_records_name_the_line(tmp_path, lines, lineno, what):
 
 
 # ---- checkpoints at a chosen P -----------------------------------------------------------------
+@pytest.mark.slow
 def test_load_checkpoint_selects_P(models, ckpt):
-    cfg, params = E.load_checkpoint(ckpt)  # default: the config's P
-    assert cfg.parscale_n == 4 and recycle.trees_equal(params, models[4][2])
-    cfg1, params1 = E.load_checkpoint(ckpt, 1)
+    cfg, params = loading.load(ckpt)  # default: the config's P
+    assert cfg.parscale_n == 4 and trees_equal(params, models[4][2])
+    cfg1, params1 = loading.load(ckpt, 1)
     assert cfg1.parscale_n == 1 and cfg1.prefix_len == 0 and sorted(params1) == ["backbone"]
-    assert recycle.trees_equal(params1["backbone"], models[4][2]["backbone"])
+    assert trees_equal(params1["backbone"], models[4][2]["backbone"])
     with pytest.raises(UserError, match=r"available P = \[1, 4\]"):
-        E.load_checkpoint(ckpt, 2)
+        loading.load(ckpt, 2)
 
 
 # ---- the command line (in-process) -------------------------------------------------------------
@@ -227,6 +220,7 @@ def _one_line_error(rc, err, *words):
 TEXT = "".join(f"def f{i}(x):\n    return x * {i} + {i * i}\n\n" for i in range(80))
 
 
+@pytest.mark.slow
 def test_cli_loss_on_all_data_matches_reference(models, ckpt, tmp_path, capsys):
     src = tmp_path / "code.txt"
     src.write_text(TEXT)
@@ -248,6 +242,7 @@ def test_cli_loss_on_all_data_matches_reference(models, ckpt, tmp_path, capsys):
         assert f"{res['loss']:.4f}" in stdout and "bits per byte" in stdout
 
 
+@pytest.mark.slow
 def test_cli_loss_default_split_is_the_pipelines_heldout(models, ckpt, tmp_path, capsys):
     """One file: the pipeline holds out the last ceil(5%) of its tokens; eval scores exactly those."""
     src = tmp_path / "code.txt"
@@ -265,6 +260,7 @@ def test_cli_loss_default_split_is_the_pipelines_heldout(models, ckpt, tmp_path,
     np.testing.assert_allclose(res["loss"], total / n_t, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_cli_data_flags_default_to_the_training_runs(models, ckpt, tmp_path, capsys, monkeypatch):
     """For a training checkpoint the run's data section (source, split fraction, window length)
     fills the flags not given; a flag given wins."""
@@ -272,7 +268,7 @@ def test_cli_data_flags_default_to_the_training_runs(models, ckpt, tmp_path, cap
     src.write_text(TEXT)
     tokens = np.array(list(TEXT.encode()) + [EOS], np.int32)
     run = {"source": str(src), "format": "text", "heldout_fraction": 0.2, "seq_len": 40, "tokenizer": "bytes"}
-    monkeypatch.setattr(cli, "_run_data", lambda args: run)
+    monkeypatch.setattr(cli, "run_data", lambda args: run)
     out = tmp_path / "r.json"
     _, model, params = models[4]
     for extra, L in (([], 40), (["--seq-len", "25"], 25)):
@@ -292,11 +288,12 @@ def test_run_config_reads_the_newest_steps_meta(tmp_path):
         (d / "metadata").write_text(json.dumps({"model": {}, "step": step, "config": {"data": {"seq_len": seq}}}))
         (d.parent / "commit_success.txt").write_text("")  # orbax's commit marker
     (tmp_path / "run" / "checkpoints" / "20.orbax-checkpoint-tmp-1").mkdir()  # uncommitted: ignored
-    assert E.run_config(str(tmp_path / "run")) == {"data": {"seq_len": 22}}
-    assert E.run_config(str(tmp_path / "run" / "checkpoints" / "3")) == {"data": {"seq_len": 11}}
-    assert E.run_config(str(tmp_path)) is None
+    assert loading.run_config(str(tmp_path / "run")) == {"data": {"seq_len": 22}}
+    assert loading.run_config(str(tmp_path / "run" / "checkpoints" / "3")) == {"data": {"seq_len": 11}}
+    assert loading.run_config(str(tmp_path)) is None
 
 
+@pytest.mark.slow
 def test_cli_tasks(models, ckpt, tmp_path, capsys):
     path, out = tmp_path / "mini.jsonl", tmp_path / "r.json"
     path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
@@ -313,6 +310,7 @@ def test_cli_tasks(models, ckpt, tmp_path, capsys):
     assert "loss" not in res and "mini acc" in stdout  # --tasks alone: no loss pass
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(ckpt, tmp_path, capsys):
     rc, _, err = _run(capsys, "--checkpoint", str(tmp_path / "nope"))
     _one_line_error(rc, err, "does not exist", "nope")
@@ -336,17 +334,16 @@ def test_cli_errors_are_one_line(ckpt, tmp_path, capsys):
     _one_line_error(rc, err, "positions", str(POSITIONS))
 
 
+@pytest.mark.slow
 def test_cli_hugging_face_directory(models, tmp_path, capsys):
-    """A qwen2_parscale directory (convert.save_hf) scores the same as the params it was written from."""
-    from parscale_jax import convert
-
+    """A qwen2_parscale directory (hf.save_hf) scores the same as the params it was written from."""
     cfg, model, params = models[4]
-    hf = str(tmp_path / "hf")
-    convert.save_hf(hf, cfg, params)
+    hf_dir = str(tmp_path / "hf")
+    hf.save_hf(hf_dir, cfg, params)
     src = tmp_path / "code.txt"
     src.write_text(TEXT)
     out = tmp_path / "r.json"
-    rc, _, err = _run(capsys, "--checkpoint", hf, "--data", str(src), "--split", "all", "--seq-len", "33",
+    rc, _, err = _run(capsys, "--checkpoint", hf_dir, "--data", str(src), "--split", "all", "--seq-len", "33",
                       "--max-windows", "4", "--output", str(out))
     assert rc == 0, err
     tokens = np.array(list(TEXT.encode()) + [EOS], np.int32)

@@ -5,6 +5,8 @@ frozen backbone at P=2 and at P=4, both adding their set to one multi-P checkpoi
 """
 from __future__ import annotations
 
+import functools
+import json
 import os
 
 import jax
@@ -13,10 +15,15 @@ import pytest
 
 from parscale_jax import checkpoint as C
 from parscale_jax import evaluate as E
+from parscale_jax import loading
 from parscale_jax import model as M
 from parscale_jax import recycle as R
 from parscale_jax import runner, train_config
+from parscale_jax.cli import eval as eval_cli
 from parscale_jax.errors import UserError
+from parscale_jax.params import available_P, trees_equal
+
+pytestmark = pytest.mark.slow  # three training runs in the module fixture
 
 COMMON = ["model.preset=tiny", "data.seq_len=32", "batch_size=8", "steps=4", "log_every=2",
           "eval_every=0", "eval_windows=4", "dtype=float32", "checkpoint.every=4", "optim.warmup_steps=1",
@@ -44,10 +51,10 @@ def runs(tmp_path_factory):
     data = [f"data.source={src}", "data.heldout_fraction=0.2"]
     out = {"root": root, "data": data, "stage1": root / "stage1", "multi": root / "multi"}
     _train(out["stage1"], *data, "model.parscale_n=1")
-    for P in (2, 4):
+    for P in (2, 4):  # no held-out split: no final evaluation to compile (only stage 1's is compared)
         out[f"frozen{P}"] = root / f"frozen{P}"
-        _train(out[f"frozen{P}"], *data, f"model.parscale_n={P}", f"init_from={out['stage1']}",
-               "freeze_backbone=true", f"add_to={out['multi']}")
+        _train(out[f"frozen{P}"], *data, "data.heldout_fraction=0", f"model.parscale_n={P}",
+               f"init_from={out['stage1']}", "freeze_backbone=true", f"add_to={out['multi']}")
     return out
 
 
@@ -58,10 +65,10 @@ def _leaves(tree):
 
 def test_stage2_init_keeps_backbone_and_shapes():
     cfg1 = train_config.load(None, COMMON).model
-    backbone = M.init_params(M.make_model(cfg1), jax.random.PRNGKey(3))["backbone"]
+    backbone = jax.jit(functools.partial(M.init_params, M.make_model(cfg1)))(jax.random.PRNGKey(3))["backbone"]
     cfg4 = cfg1.replace(parscale_n=4)
-    params = R.stage2_init(jax.tree.map(np.asarray, backbone), cfg4, jax.random.PRNGKey(5))
-    assert R.trees_equal(params["backbone"], backbone)
+    params = jax.jit(R.stage2_init, static_argnums=1)(jax.tree.map(np.asarray, backbone), cfg4, jax.random.PRNGKey(5))
+    assert trees_equal(params["backbone"], backbone)
     L, nKV, T, hd, H = cfg4.num_hidden_layers, cfg4.num_key_value_heads, cfg4.parscale_n_tokens, cfg4.hd, cfg4.hidden_size
     assert params["prefix"]["k"].shape == (L, 4, nKV, T, hd) == params["prefix"]["v"].shape
     assert params["aggregator"]["gate_in"]["kernel"].shape == (4 * H, H)
@@ -70,18 +77,20 @@ def test_stage2_init_keeps_backbone_and_shapes():
         assert np.all(np.isfinite(leaf)), name
     assert np.std(params["prefix"]["k"]) > 0  # explicitly initialised, not zeros
     with pytest.raises(UserError, match="backbone"):
-        R.stage2_init(backbone, cfg4.replace(hidden_size=32, intermediate_size=64), jax.random.PRNGKey(0))
+        jax.jit(R.stage2_init, static_argnums=1)(backbone, cfg4.replace(hidden_size=32, intermediate_size=64),
+                                                 jax.random.PRNGKey(0))
 
 
 def test_frozen_backbone_is_bitwise_unchanged_and_has_no_optimizer_state(runs):
-    _, stage1 = C.load_params(str(runs["stage1"]))
+    _, stage1 = loading.load(str(runs["stage1"]))
     for P in (2, 4):
         wd = runs[f"frozen{P}"]
-        cfg, trained = C.load_params(str(wd))
+        cfg, trained = loading.load(str(wd))
         assert cfg.parscale_n == P
-        assert R.trees_equal(trained["backbone"], stage1["backbone"]), f"P={P}: backbone changed"
+        assert trees_equal(trained["backbone"], stage1["backbone"]), f"P={P}: backbone changed"
         # prefixes and aggregator moved away from their stage-2 initialisation
-        fresh = R.stage2_init(stage1["backbone"], cfg, jax.random.fold_in(jax.random.PRNGKey(0), 1))
+        fresh = jax.jit(R.stage2_init, static_argnums=1)(stage1["backbone"], cfg,
+                                                         jax.random.fold_in(jax.random.PRNGKey(0), 1))
         for g in ("prefix", "aggregator"):
             for name, leaf in _leaves(trained[g]).items():
                 assert not np.array_equal(leaf, _leaves(fresh[g])[name]), f"P={P}: {g}/{name} did not train"
@@ -98,12 +107,12 @@ def test_frozen_backbone_is_bitwise_unchanged_and_has_no_optimizer_state(runs):
 
 def test_dynamic_P_selects_the_set_asked_for(runs):
     multi = str(runs["multi"])
-    _, raw = C.load_params(multi)
-    assert R.available_P(raw) == [1, 2, 4]
+    raw = loading.read(multi).params
+    assert available_P(raw) == [1, 2, 4]
     held = np.random.default_rng(1).integers(0, 256, size=32 * 6).astype(np.int32)
 
     def loss(path, P):
-        cfg, params = E.load_checkpoint(path, P)
+        cfg, params = loading.load(path, P)
         return E.window_loss(M.make_model(cfg), params, held, 32, 3)["loss"]
 
     by_P = {P: loss(multi, P) for P in (1, 2, 4)}
@@ -112,24 +121,20 @@ def test_dynamic_P_selects_the_set_asked_for(runs):
     assert by_P[4] == loss(str(runs["frozen4"]), None)
     assert by_P[1] == loss(str(runs["stage1"]), None)
     with pytest.raises(UserError, match=r"available P = \[1, 2, 4\]"):
-        E.load_checkpoint(multi, 3)
+        loading.load(multi, 3)
 
 
 def test_add_to_rejects_another_backbone(runs, tmp_path):
-    cfg, params = C.load_params(str(runs["frozen4"]))
+    cfg, params = loading.load(str(runs["frozen4"]))
     params = {**params, "backbone": jax.tree.map(lambda a: a + 1e-3, params["backbone"])}  # another backbone
     with pytest.raises(UserError, match="backbone"):
-        runner.add_set_to(str(runs["multi"]), cfg, params)
-    _, raw = C.load_params(str(runs["multi"]))
-    assert R.available_P(raw) == [1, 2, 4]  # the checkpoint is untouched
+        R.add_set_to(str(runs["multi"]), cfg, params)
+    raw = loading.read(str(runs["multi"])).params
+    assert available_P(raw) == [1, 2, 4]  # the checkpoint is untouched
 
 
 def test_eval_py_loss_equals_training_heldout_loss(runs, tmp_path):
     """The loss eval.py reports for a workdir equals the training loop's final held-out loss."""
-    import json
-
-    import eval as eval_cli
-
     with open(runs["stage1"] / "metrics.jsonl") as f:
         end = [json.loads(x) for x in f if '"eval_loss"' in x][-1]
     src = [d.split("=", 1)[1] for d in runs["data"] if d.startswith("data.source=")][0]

@@ -61,8 +61,7 @@ def write_corpus(root: Path) -> str:
 def sub_env(devices: int, cache: Path | None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("JAX_", "XLA_")) and k not in ("COORDINATOR_ADDRESS",)}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     if cache is not None:
         env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
@@ -185,13 +184,16 @@ def mesh8(background, env):
 def ref(env, background):
     """Run A: the uninterrupted 1-device run (populates the compilation cache for the others)."""
     wd, out = env["root"] / "A", env["root"] / "A.json"
-    rc, _, err = run(["train.py", "--workdir", str(wd), "--quiet", "--summary-json", str(out),
-                      *COMMON, *env["data"]], sub_env(1, env["cache"]), env["root"] / "A")
+    # README's train command, scaled down by COMMON (configs/tiny.yaml is the tiny preset; every key
+    # it sets that matters here is overridden, so the runs below without --config train the same)
+    rc, _, err = run(["train.py", "--config", "configs/tiny.yaml", "--workdir", str(wd), "--quiet", "--summary-json",
+                      str(out), *COMMON, *env["data"]], sub_env(1, env["cache"]), env["root"] / "A")
     assert rc == 0, err[-3000:]
     return {"workdir": wd, "losses": losses_of(out), "summary": json.loads(out.read_text())}
 
 
 # ---- the reference run -----------------------------------------------------------------------
+@pytest.mark.slow
 def test_ref_run_is_sane(ref):
     L = ref["losses"]
     assert sorted(L) == list(range(1, STEPS + 1))
@@ -201,8 +203,9 @@ def test_ref_run_is_sane(ref):
 
 
 # ---- 3. SIGKILL, partial checkpoints, resume ------------------------------------------------
+@pytest.mark.slow
 def test_sigkill_during_async_save_then_resume_is_bitwise(ref, env):
-    from parscale_jax import checkpoint as C
+    from parscale_jax import loading
 
     root, wd = env["root"], env["root"] / "B"
     argv = ["--workdir", str(wd), "--quiet", "--summary-json", str(root / "B.json"), *COMMON, *env["data"]]
@@ -220,9 +223,9 @@ def test_sigkill_during_async_save_then_resume_is_bitwise(ref, env):
         p.unlink()
     shutil.rmtree(wd / "checkpoints" / "6" / "state" / "d")
 
-    # load_params picks the newest complete step: bitwise the uninterrupted run's step 2
-    _, got = C.load_params(str(wd))
-    _, want = C.load_params(str(ref["workdir"] / "checkpoints" / "2"))
+    # the loader picks the newest complete step: bitwise the uninterrupted run's step 2
+    _, got = loading.load(str(wd))
+    _, want = loading.load(str(ref["workdir"] / "checkpoints" / "2"))
     got, want = leaves(got), leaves(want)
     assert got.keys() == want.keys()
     for k in want:
@@ -241,16 +244,15 @@ def test_sigkill_during_async_save_then_resume_is_bitwise(ref, env):
 
 
 # ---- 4. gradient accumulation -----------------------------------------------------------------
+@pytest.mark.slow
 def test_grad_accum_equals_full_batch_and_independent_grad():
     import jax
     import jax.numpy as jnp
     import optax
 
     from parscale_jax import model as M
-    from parscale_jax import optim as O
     from parscale_jax import train_step as TS
     from parscale_jax.config import preset
-    from parscale_jax.train_config import OptimConfig
 
     cfg = preset("tiny", parscale_n=2)
     model = M.make_model(cfg, jnp.float32)
@@ -301,7 +303,7 @@ def test_grad_accum_equals_full_batch_and_independent_grad():
 
 # ---- 6. bad input: one line, exit code 2 ------------------------------------------------------
 def _main(argv, capsys) -> tuple[int, str]:
-    import train
+    from parscale_jax.cli import train
 
     capsys.readouterr()
     rc = train.main(argv)
@@ -320,6 +322,7 @@ BAD = {  # overrides -> words the one-line message must hold
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_input_one_line_exit_2(case, env, ref, capsys, tmp_path):
     over, needles = BAD[case]
@@ -342,6 +345,7 @@ def test_bad_input_one_line_exit_2(case, env, ref, capsys, tmp_path):
         assert ckpt_steps(wd) == [2, 4, 6]
 
 
+@pytest.mark.slow
 def test_non_utf8_text_never_crashes(env, ref):
     from parscale_jax import data as D
     from parscale_jax import train_config
@@ -512,6 +516,7 @@ def _tb_scalars(folder: Path) -> dict[tuple[str, int], float]:
     return out
 
 
+@pytest.mark.slow
 def test_metrics_jsonl_and_tensorboard(ref):
     recs = [json.loads(ln) for ln in (ref["workdir"] / "metrics.jsonl").read_text().splitlines()]
     assert recs[0].get("event") == "start" and recs[-1].get("event") == "end"
@@ -527,6 +532,7 @@ def test_metrics_jsonl_and_tensorboard(ref):
 
 
 # ---- 7. SIGTERM: checkpoint, clean exit, exact resume -------------------------------------------
+@pytest.mark.slow
 def test_sigterm_writes_checkpoint_and_exits_cleanly(ref, env):
     root, wd = env["root"], env["root"] / "T"
     argv = ["--workdir", str(wd), "--quiet", "--summary-json", str(root / "T.json"), *COMMON, *env["data"],
@@ -558,6 +564,7 @@ NAN_RUN = ["model.preset=tiny", "model.parscale_n=1", "data.seq_len=16", "batch_
            "optim.schedule=constant", "checkpoint.every=1", "checkpoint.keep=5", "checkpoint.async_save=false"]
 
 
+@pytest.mark.slow
 def test_nan_policy_stop_names_the_step(env, capsys, tmp_path):
     rc, err = _main(["--workdir", str(tmp_path), "--quiet", *NAN_RUN, *env["data"], "nan_policy=stop"], capsys)
     line = one_line_error(rc, err)
@@ -569,6 +576,7 @@ def test_nan_policy_stop_names_the_step(env, capsys, tmp_path):
     assert len(finite) + 1 not in ckpt_steps(tmp_path)
 
 
+@pytest.mark.slow
 def test_nan_policy_skip_keeps_params(env, capsys, tmp_path):
     from parscale_jax import checkpoint as C
 
@@ -590,6 +598,8 @@ def test_nan_policy_skip_keeps_params(env, capsys, tmp_path):
 
 # ---- last: the tests that wait for the background jobs ----------------------------------------
 # ---- 1. meshes of 8 simulated devices -------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("mesh", sorted(MESHES_8))
 def test_8_devices_match_1_device(mesh8, ref, mesh):
     got = mesh8["runs"][mesh]
@@ -600,6 +610,8 @@ def test_8_devices_match_1_device(mesh8, ref, mesh):
 
 
 # ---- 2. two processes x 4 devices -----------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_2_processes_match_1_process_8_devices(background, mesh8, env):
     results = [background[f"mp{i}"].result() for i in range(2)]
     for rc, _, err in results:
@@ -609,15 +621,17 @@ def test_2_processes_match_1_process_8_devices(background, mesh8, env):
     one_proc = {int(k): v for k, v in mesh8["runs"]["data-fsdp-tensor"]["losses"]}
     assert_close_losses(per_proc[0], one_proc, rtol=1e-5)
     assert ckpt_steps(env["root"] / "mp") == [2, 4, 6]
-    from parscale_jax import checkpoint as C
+    from parscale_jax import loading
 
-    cfg, params = C.load_params(str(env["root"] / "mp"))
+    cfg, params = loading.load(str(env["root"] / "mp"))
     assert cfg.parscale_n == 4 and set(params) == {"backbone", "prefix", "aggregator"}
 
 
 # ---- 5. an 8-device checkpoint restores on 1 device -----------------------------------------
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_8_device_checkpoint_resumes_on_1_device(mesh8, env):
-    from parscale_jax import checkpoint as C
+    from parscale_jax import loading
 
     src = Path(mesh8["runs"]["data-fsdp-tensor"]["workdir"])
     assert ckpt_steps(src) == [2, 4, 6]
@@ -632,9 +646,9 @@ def test_8_device_checkpoint_resumes_on_1_device(mesh8, env):
     assert json.loads(out.read_text())["start_step"] == 2
     eight = {int(k): v for k, v in mesh8["runs"]["data-fsdp-tensor"]["losses"] if int(k) > 2}
     assert_close_losses(losses_of(out), eight, rtol=1e-5)
-    # load_params reads the 8-device step 6 on this 1-device process; it matches the 1-device continuation
-    cfg8, p8 = C.load_params(str(src))
-    cfg1, p1 = C.load_params(str(wd))
+    # the loader reads the 8-device step 6 on this 1-device process; it matches the 1-device continuation
+    cfg8, p8 = loading.load(str(src))
+    cfg1, p1 = loading.load(str(wd))
     assert cfg8 == cfg1 and cfg8.parscale_n == 4
     p8, p1 = leaves(p8), leaves(p1)
     assert p8.keys() == p1.keys()
@@ -644,6 +658,8 @@ def test_8_device_checkpoint_resumes_on_1_device(mesh8, env):
 
 
 # ---- 6. (continued) ------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_batch_not_divisible_by_data_shards(mesh8):
     rc, err = mesh8["batch_error"]
     line = one_line_error(rc, err)
@@ -655,7 +671,7 @@ def _mesh8(args: dict) -> None:
     import jax
 
     from parscale_jax import runner, sharding, train_config
-    import train
+    from parscale_jax.cli import train
 
     root = Path(args["root"])
     out = {"runs": {}}
@@ -681,7 +697,7 @@ def _train(hooks: dict, argv: list[str]) -> int:
     import orbax.checkpoint as ocp
 
     from parscale_jax import data as D
-    import train
+    from parscale_jax.cli import train
 
     if "sigkill_in_save" in hooks:
         finalize = ocp.CompositeCheckpointHandler.finalize

@@ -16,10 +16,10 @@ import json
 import math
 import re
 import sys
-from pathlib import Path
 from typing import Any, Sequence
 
 from parscale_jax.errors import UserError
+from parscale_jax.fileio import write_text
 from parscale_jax.scaling import report
 from parscale_jax.scaling.report import law_source
 from parscale_jax.scaling.cost import HARDWARE, LENGTHS, PREFIX_MODES
@@ -92,7 +92,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         for w in fr.warnings:
             print(f"warning: {w}", file=sys.stderr)
     if args.json:
-        Path(args.json).write_text(json.dumps({fr.dataset: fr.to_dict() for fr in results}, indent=2) + "\n")
+        write_text(args.json, json.dumps({fr.dataset: fr.to_dict() for fr in results}, indent=2) + "\n")
         print(f"wrote {args.json}")
     if args.plot:
         plot_fit(results, args.plot)

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from parscale_jax.errors import UserError
+from parscale_jax.fileio import write_text
 from parscale_jax.scaling.cost import HARDWARE, Hardware, compare_at_equal_loss, inference_cost, load_measurements
 from parscale_jax.scaling.law import LawConstants, law_for, load_losses
 from parscale_jax.scaling.paper_cost import paper_comparison
@@ -74,7 +75,7 @@ def _finite(obj: Any) -> Any:
 
 
 def write_json(path: str, obj: Any) -> None:
-    Path(path).write_text(json.dumps(_finite(obj), indent=1) + "\n")
+    write_text(str(path), json.dumps(_finite(obj), indent=1) + "\n")
     print(f"wrote {path}")
 
 

@@ -6,6 +6,7 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
+from parscale_jax.config import PRESETS, ModelConfig
 from parscale_jax.errors import UserError
 
 DEFAULT_BASE = "parscale-1.8b"  # the paper's 1.6B backbone (non-embedding) as released (tied embeddings)
@@ -80,8 +81,6 @@ def shape_from_mapping(d: Mapping[str, Any], where: str = "model") -> ModelShape
 
 def shape_from_preset(name: str) -> ModelShape:
     """A shape from ``parscale_jax.config.PRESETS`` (e.g. ``parscale-1.8b``, ``paper-1.6b``)."""
-    from parscale_jax.config import ModelConfig, PRESETS
-
     if name not in PRESETS:
         raise UserError(f"unknown model {name!r}: choose a preset of {sorted(PRESETS)} or give a shape mapping")
     defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}

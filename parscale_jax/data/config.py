@@ -1,0 +1,53 @@
+"""``DataConfig``: the ``data.*`` keys of a training config (validated when built)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from parscale_jax.errors import UserError
+
+FORMATS = ("auto", "text", "jsonl", "npy")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    source: str = "stdlib"      # "stdlib": the running interpreter's standard-library *.py sources; else a path or glob
+    format: str = "auto"        # auto | text | jsonl | npy   (auto: by extension; .npy = pre-tokenised int token ids)
+    text_field: str = "text"    # JSONL field
+    tokenizer: str = "bytes"    # "bytes" (id = byte value; PAD=256, BOS=257, EOS=258) or a path to a HF tokenizer.json
+    seq_len: int = 256          # training sequence length (examples are seq_len + 1 tokens: inputs + shifted targets)
+    heldout_fraction: float = 0.05  # of split units (files; JSONL records), by hashing their key; 1 = all held out
+    seed: int = 0               # global shuffle seed
+    worker_count: int = 0       # grain workers (0 = in-process)
+    prefetch: int = 2           # batches prefetched in a background thread
+
+    def __post_init__(self):
+        def bad(key, why):
+            raise UserError(f"data.{key}={getattr(self, key)!r} is invalid: {why}")
+
+        if not isinstance(self.source, str) or not self.source:
+            bad("source", "give 'stdlib' or a file, directory or glob")
+        if self.format not in FORMATS:
+            bad("format", f"use one of {', '.join(FORMATS)}")
+        if not isinstance(self.seq_len, int) or self.seq_len < 1:
+            bad("seq_len", "use a positive integer")
+        if not isinstance(self.heldout_fraction, (int, float)) or not 0.0 <= self.heldout_fraction <= 1.0:
+            bad("heldout_fraction", "use a fraction in [0, 1] (1 holds everything out: evaluation only)")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            bad("seed", "use an integer in [0, 2**32)")
+        if not isinstance(self.worker_count, int) or self.worker_count < 0:
+            bad("worker_count", "use 0 (in-process) or a positive number of worker processes")
+        if not isinstance(self.prefetch, int) or self.prefetch < 0:
+            bad("prefetch", "use 0 (no prefetch) or a positive number of batches")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DataConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UserError(f"unknown data option(s) {', '.join(unknown)}: known are {', '.join(sorted(known))}")
+        return cls(**d)
+
