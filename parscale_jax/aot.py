@@ -66,10 +66,11 @@ def topology_devices(name: str) -> list:
     """Compile-only TPU devices of a topology such as 'v5p:2x2x2' (one slice)."""
     gen, dims = parse_topology(name)
     os.environ["TPU_LIBRARY_PATH"] = _libtpu_path()
-    # a CPU host has no TPU metadata server: say so, or libtpu logs warnings while loading
+    # a CPU host has no TPU metadata server: say so, or libtpu logs warnings while loading; and
+    # compiling touches no chip, so several compiling processes may load libtpu at once
     chips = math.prod(dims)
     for k, v in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_WORKER_HOSTNAMES", "localhost"), ("TPU_WORKER_ID", "0"),
-                 ("TPU_ACCELERATOR_TYPE", f"{gen[4:]}-{chips}")):
+                 ("TPU_ACCELERATOR_TYPE", f"{gen[4:]}-{chips}"), ("ALLOW_MULTIPLE_LIBTPU_LOAD", "true")):
         os.environ.setdefault(k, v)
     from jax.experimental import topologies
 
@@ -135,19 +136,19 @@ def compile_decode(cfg, devices, batch: int, max_len: int) -> tuple[Any, dict]:
 
     mesh = S.make_mesh(cfg.mesh, devices)
     model = M.make_model(cfg.model, cfg.dtype, platform="tpu")
+    params = M.abstract_params(model)
+    params = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), params,
+                          S.tree_shardings(M.logical_axes(model), params, mesh))
+    cache = jax.eval_shape(lambda p: M.init_cache(model, p, batch, max_len), params)
+    names = {"k": ("activation_stream", None, "activation_batch", None, "activation_kv_heads", None),
+             "valid": ("activation_batch", None), "index": ()}
+    names["v"] = names["k"]
+    cache = {k: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(
+        mesh, S.logical_to_spec(names[k], a.shape, mesh))) for k, a in cache.items()}
+    row = NamedSharding(mesh, S.logical_to_spec(("activation_batch",), (batch,), mesh))
+    token = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=row)
+    valid = jax.ShapeDtypeStruct((batch,), jnp.bool_, sharding=row)
     with S.activate(mesh):
-        params = M.abstract_params(model)
-        params = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), params,
-                              S.tree_shardings(M.logical_axes(model), params, mesh))
-        cache = jax.eval_shape(lambda p: M.init_cache(model, p, batch, max_len), params)
-        names = {"k": ("activation_stream", None, "activation_batch", None, "activation_kv_heads", None),
-                 "valid": ("activation_batch", None), "index": ()}
-        names["v"] = names["k"]
-        cache = {k: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(
-            mesh, S.logical_to_spec(names[k], a.shape, mesh))) for k, a in cache.items()}
-        row = NamedSharding(mesh, S.logical_to_spec(("activation_batch",), (batch,), mesh))
-        token = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=row)
-        valid = jax.ShapeDtypeStruct((batch,), jnp.bool_, sharding=row)
         compiled = decode.make_step(model).lower(params, cache, token, valid).compile()
     return compiled, {"mesh": dict(mesh.shape), "attention_impl": model.cfg.attention_impl, "params": params,
                       "cache": cache}
@@ -241,11 +242,15 @@ def decode_report(cfg, topology: str, devices: list, batch: int, max_len: int) -
     per_chip = _memory(compiled)
     hbm = hbm_bytes(topology)
     weights, cache = shard_bytes(facts["params"]), shard_bytes(facts["cache"])
+    # the step returns a new cache (decode.py does not donate the old one): two caches live
+    analytic = {"params": weights, "kv_cache_in_and_out": 2 * cache}
+    analytic["total"] = sum(analytic.values())
     return {"topology": topology, "chips": len(devices), "hbm_bytes": int(hbm), "mode": "decode",
             "mesh": facts["mesh"], "batch": batch, "max_len": max_len, "per_chip_bytes": per_chip,
-            "fits": per_chip["total"] <= hbm, "attention_impl": facts["attention_impl"],
+            "fits": per_chip["total"] <= hbm,
+            "attention_impl": "xla" if facts["attention_impl"] == "xla" else "chunked (the KV-cache path)",
             "model_flops_per_step": F.forward_flops_per_token(cfg.model, max_len) * batch,
-            "analytic_bytes": {"params": weights, "kv_cache": cache, "total": weights + cache}}
+            "analytic_bytes": analytic}
 
 
 def max_batch(cfg, topology: str, devices: list, first: dict) -> dict[str, Any]:
@@ -275,7 +280,7 @@ def max_batch(cfg, topology: str, devices: list, first: dict) -> dict[str, Any]:
 
 def format_report(r: dict[str, Any]) -> str:
     pc, an = r["per_chip_bytes"], r["analytic_bytes"]
-    g = lambda x: f"{x / GiB:.2f} GiB"  # noqa: E731
+    g = lambda x: f"{x / GiB:.2f} GiB" if x >= GiB / 10 else f"{x / 2 ** 20:.2f} MiB"  # noqa: E731
     lines = [f"topology {r['topology']} ({r['chips']} chips, {g(r['hbm_bytes'])} HBM each), mesh "
              + " ".join(f"{k}={v}" for k, v in r["mesh"].items()) + f", attention {r['attention_impl']}"]
     if r["mode"] == "train":
