@@ -120,7 +120,7 @@ def compile_train(cfg, devices) -> tuple[Any, dict]:
     with S.activate(mesh):
         compiled = program.step.lower(program.abstract_state, tokens).compile()
     facts = {"mesh": dict(mesh.shape), "attention_impl": program.model.cfg.attention_impl,
-             "state": program.abstract_state, "batch_shards": S.batch_shards(mesh)}
+             "batch_shards": S.batch_shards(mesh)}
     return compiled, facts
 
 
@@ -167,18 +167,45 @@ def shard_bytes(tree) -> int:
     return int(total)
 
 
-def analytic_train_bytes(cfg, state, mesh_shape: dict[str, int]) -> dict[str, int]:
+def state_bytes(cfg, mesh_shape: dict[str, int]) -> dict[str, int]:
+    """Per-chip float32 bytes of all params and of the trainable ones, sharded by the logical
+    rules on a mesh of ``mesh_shape`` (computed from shapes alone, no devices)."""
+    import types
+
+    import jax
+
+    from parscale_jax import model as M
+    from parscale_jax import sharding as S
+
+    model = M.make_model(cfg.model, cfg.dtype, platform="tpu")
+    shapes, names = M.abstract_params(model), M.logical_axes(model)
+    mesh = types.SimpleNamespace(shape=dict(mesh_shape))
+    out = {"params": 0, "trainable": 0}
+    for (path, a), spec in zip(jax.tree_util.tree_leaves_with_path(shapes), jax.tree.leaves(
+            names, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))):
+        split = 1
+        for axes in S.logical_to_spec(spec, a.shape, mesh):
+            for ax in (axes if isinstance(axes, tuple) else (axes,) if axes else ()):
+                split *= mesh_shape[ax]
+        n = math.prod(a.shape) // split * 4
+        out["params"] += n
+        if not (cfg.freeze_backbone and getattr(path[0], "key", None) == "backbone"):
+            out["trainable"] += n
+    return out
+
+
+def analytic_train_bytes(cfg, mesh_shape: dict[str, int]) -> dict[str, int]:
     """This project's estimate of a training step's bytes per chip, by part (remat=full).
 
-    params/optimizer: the sharded state itself. gradients: float32, like the trainable params.
-    saved_activations: the scanned layers keep each layer's input, [P, b, S, H] in the compute
-    dtype (b = sequences per chip, P over mesh.stream). layer_working_set: the layer being
-    recomputed and differentiated: its weights gathered in the compute dtype plus their
-    float32 gradients, and about 14 [P, b, S, max(H, I)]-sized compute-dtype intermediates
-    (q/k/v/o, norms, gate/up/down and their gradients); attention (splash, chunked) adds only
-    blocks. loss: one chunk's float32 logits x 3 (logits, softmax, gradient) and the LM head
-    gathered in the compute dtype plus its float32 gradient; plus the mixed and per-stream
-    final states (float32 in the gate) and their gradients.
+    params: float32, sharded (fsdp, tensor, stream). optimizer: Adam's two moments of the
+    trainable params. gradients: one float32 copy of them. saved_activations: the scanned
+    layers keep each layer's input, [P, b, S, H] in the compute dtype (b = sequences per chip,
+    P over mesh.stream). layer_working_set: the layer being recomputed and differentiated: its
+    weights gathered in the compute dtype plus their float32 gradients, and about 14
+    [P, b, S, max(H, I)]-sized compute-dtype intermediates (q/k/v/o, norms, gate/up/down and
+    their gradients); attention (splash, chunked) adds only blocks. loss: one chunk's float32
+    logits x 3 (logits, softmax, gradient), the LM head gathered in the compute dtype plus its
+    float32 gradient, and the per-stream final states (float32 in the gate) with gradients.
     """
     m = cfg.model
     item = 2 if cfg.dtype == "bfloat16" else 4
@@ -192,10 +219,11 @@ def analytic_train_bytes(cfg, state, mesh_shape: dict[str, int]) -> dict[str, in
     from parscale_jax.loss import CHUNK
 
     c = min(CHUNK, S)
+    st = state_bytes(cfg, mesh_shape)
     out = {
-        "params": shard_bytes(state["params"]) + shard_bytes(state.get("frozen", {})),
-        "optimizer": shard_bytes(state["opt_state"]),
-        "gradients": shard_bytes(state["params"]),
+        "params": st["params"],
+        "optimizer": 2 * st["trainable"],
+        "gradients": st["trainable"],
         "saved_activations": L * P * b * S * H * item,
         "layer_working_set": layer_params // t * (item + 4) + 14 * P * b * S * max(H, I // t) * item,
         "loss": 3 * b * c * V // t * 4 + H * V // t * (item + 4) + P * b * S * H * (4 + 4 + item),
@@ -232,7 +260,7 @@ def train_report(cfg, topology: str, devices: list) -> dict[str, Any]:
             "per_chip_bytes": per_chip, "fits": per_chip["total"] <= hbm,
             "attention_impl": facts["attention_impl"],
             "model_flops_per_step": F.train_flops_per_token(cfg.model, seq) * cfg.batch_size * seq,
-            "analytic_bytes": analytic_train_bytes(cfg, facts["state"], facts["mesh"])}
+            "analytic_bytes": analytic_train_bytes(cfg, facts["mesh"])}
 
 
 def decode_report(cfg, topology: str, devices: list, batch: int, max_len: int) -> dict[str, Any]:
