@@ -227,7 +227,11 @@ class Backbone(nn.Module):
 
     def __call__(self, tokens, stream_in, ctx):
         """Per-stream normed final states [P, B, S, H] and the per-stream new cache (or None)."""
-        x = _constrain(self.embed(tokens), ("activation_batch", "activation_length", "activation_embed"))
+        # The lookup's output is sharded like the table (embed over fsdp); split the batch over
+        # data first, then trade embed for batch over fsdp (one all-to-all): resharding in one
+        # step makes XLA replicate the whole tensor on a data x fsdp x tensor mesh.
+        x = _constrain(self.embed(tokens), ("activation_batch_data", "activation_length", "embed"))
+        x = _constrain(x, ("activation_batch", "activation_length", "activation_embed"))
         h, new_cache = self.decoder(x, stream_in, ctx)
         h = _constrain(h, ("activation_stream", "activation_batch", "activation_length", "activation_embed"))
         return self.final_norm(h), new_cache

@@ -32,6 +32,7 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("stream", "stream"),
     # activations
     ("activation_batch", BATCH_AXES),
+    ("activation_batch_data", "data"),  # a step of resharding (the embedding lookup)
     ("activation_stream", "stream"),
     ("activation_heads", "tensor"),
     ("activation_kv_heads", "tensor"),
