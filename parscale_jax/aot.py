@@ -204,8 +204,9 @@ def analytic_train_bytes(cfg, mesh_shape: dict[str, int]) -> dict[str, int]:
     weights gathered in the compute dtype plus their float32 gradients, and about 14
     [P, b, S, max(H, I)]-sized compute-dtype intermediates (q/k/v/o, norms, gate/up/down and
     their gradients); attention (splash, chunked) adds only blocks. loss: one chunk's float32
-    logits x 3 (logits, softmax, gradient), the LM head gathered in the compute dtype plus its
-    float32 gradient, and the per-stream final states (float32 in the gate) with gradients.
+    logits per sequence (XLA fuses the softmax and its gradient into that buffer), the LM head
+    gathered in the compute dtype plus its float32 gradient (accumulated over the chunks), and
+    the per-stream final states (float32 in the gate) with their gradients.
     """
     m = cfg.model
     item = 2 if cfg.dtype == "bfloat16" else 4
@@ -226,7 +227,7 @@ def analytic_train_bytes(cfg, mesh_shape: dict[str, int]) -> dict[str, int]:
         "gradients": st["trainable"],
         "saved_activations": L * P * b * S * H * item,
         "layer_working_set": layer_params // t * (item + 4) + 14 * P * b * S * max(H, I // t) * item,
-        "loss": 3 * b * c * V // t * 4 + H * V // t * (item + 4) + P * b * S * H * (4 + 4 + item),
+        "loss": b * c * V // t * 4 + H * V // t * (item + 4) + P * b * S * H * (4 + 4 + item),
     }
     out["total"] = sum(out.values())
     return out

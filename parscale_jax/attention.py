@@ -46,11 +46,14 @@ BLOCK = 512          # chunked: query/key block (tokens)
 SPLASH_BLOCK = 128   # splash: the kernel's default block; sequences are padded to it
 
 
-def resolve(impl: str, platform: str | None = None) -> str:
-    """The implementation to run on ``platform`` (default: jax's default backend)."""
+def resolve(impl: str, platform: str | None = None, dtype=None) -> str:
+    """The implementation to run on ``platform`` (default: jax's default backend) with compute
+    ``dtype`` (cuDNN flash attention takes 16-bit inputs only: float32 on a GPU runs chunked)."""
     platform = (platform or jax.default_backend()).lower()
+    sixteen = dtype is None or jnp.dtype(dtype).itemsize == 2
     if impl == "auto":
-        return _AUTO.get(platform, "chunked")
+        got = _AUTO.get(platform, "chunked")
+        return "chunked" if got == "cudnn" and not sixteen else got
     if impl == SPLASH_INTERPRET:
         return impl
     if impl not in IMPLS:
@@ -61,6 +64,9 @@ def resolve(impl: str, platform: str | None = None) -> str:
     if impl == "cudnn" and platform not in ("gpu", "cuda"):
         raise UserError(f"model.attention_impl=cudnn needs NVIDIA GPU devices (these are {platform}): "
                         f"use auto or chunked")
+    if impl == "cudnn" and not sixteen:
+        raise UserError(f"model.attention_impl=cudnn needs a 16-bit compute dtype (not {jnp.dtype(dtype).name}): "
+                        f"set dtype=bfloat16, or use auto or chunked")
     return impl
 
 

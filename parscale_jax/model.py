@@ -366,7 +366,7 @@ def make_model(cfg: ModelConfig, dtype: Any = "float32", remat: str = "none", sc
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat={remat!r}: choose one of {sorted(REMAT_POLICIES)}")
     unroll = 1 if scan_layers else cfg.num_hidden_layers
-    cfg = cfg.replace(attention_impl=A.resolve(cfg.attention_impl, platform))
+    cfg = cfg.replace(attention_impl=A.resolve(cfg.attention_impl, platform, _dtype(dtype)))
     return ParScaleLM(cfg, _dtype(dtype), remat, unroll, stream_mesh_axis)
 
 

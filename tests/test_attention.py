@@ -126,7 +126,10 @@ def test_chunked_skips_blocks_above_the_diagonal():
 def test_auto_and_unavailable_implementations():
     assert A.resolve("auto", "cpu") == "chunked"
     assert A.resolve("auto", "tpu") == "splash"
-    assert A.resolve("auto", "gpu") == "cudnn"
+    assert A.resolve("auto", "gpu", jnp.bfloat16) == "cudnn"
+    assert A.resolve("auto", "gpu", jnp.float32) == "chunked"  # cuDNN flash takes 16-bit inputs
+    with pytest.raises(UserError, match="16-bit"):
+        A.resolve("cudnn", "gpu", jnp.float32)
     for impl, platform in (("cudnn", "cpu"), ("splash", "cpu"), ("splash", "gpu")):
         with pytest.raises(UserError, match=f"attention_impl={impl} needs"):
             A.resolve(impl, platform)
@@ -177,3 +180,15 @@ def test_cached_decoding_equals_recomputation(impl):
     got = np.concatenate([np.asarray(s) for s in steps], 1)
     keep = np.asarray(mask)
     np.testing.assert_allclose(got[keep], np.asarray(full)[keep], atol=1e-5, rtol=1e-5)
+
+
+def test_attention_impl_is_runtime_only():
+    """Not in checkpoint metadata, Hugging Face exports or the resume check; no parameter."""
+    from parscale_jax import convert, runner
+
+    a, b = preset("tiny", parscale_n=4), preset("tiny", parscale_n=4, attention_impl="xla")
+    assert "attention_impl" not in a.to_dict() and a.to_dict() == b.to_dict()
+    assert runner.arch_diff(a, b) == []
+    assert "attention_impl" not in convert.hf_config_dict(b)
+    shapes = [jax.tree.map(lambda x: (x.shape, x.dtype), M.abstract_params(M.make_model(c))) for c in (a, b)]
+    assert shapes[0] == shapes[1]
