@@ -41,7 +41,7 @@ def command(args: list[str]) -> str:
 
 def compile_one(args: list[str]) -> dict:
     """One compile in a fresh process (its memory is returned when it ends)."""
-    out = os.path.join(B.RESULTS, f".{NAME}.tmp.json")
+    out = os.path.join(B.RESULTS, f".{NAME}.{abs(hash(tuple(args)))}.tmp.json")
     t = time.perf_counter()
     p = subprocess.run([sys.executable, "-m", "parscale_jax.aot", *args, "--json", out], cwd=B.ROOT,
                        capture_output=True, text=True)
@@ -60,19 +60,25 @@ def row(cache: dict, model: str, P: int, a) -> dict:
     got = {}
     for b in (1, 2) + ((a.verify_at.get((model, P)),) if a.verify_at.get((model, P)) else ()):
         key = f"{model}/P{P}/seq{a.seq}/{a.topology}/b{b}"
+        if a.cached_only and key not in cache:
+            continue
         if key not in cache or a.fresh:
             B.log(f"compiling {key} ...")
             cache[key] = compile_one(aot_args(model, P, a.seq, a.topology, chips, b))
             B.log(f"  {cache[key]['per_chip_bytes']['total'] / GiB:.2f} GiB in {cache[key]['compile_s']:.0f} s")
         got[b] = cache[key]
-    one, two = got[1], got[2]
+    if 1 not in got:
+        return None
+    one, two = got[1], got.get(2)
     from parscale_jax import aot  # the analytic estimate of this checkout (no compile)
 
     analytic = aot.analytic_train_bytes(aot.resolve_config(f"configs/{model}.yaml", aot_args(
         model, P, a.seq, a.topology, chips, 1)[4:]), one["mesh"])
-    per_seq = two["per_chip_bytes"]["total"] - one["per_chip_bytes"]["total"]
+    per_seq = two["per_chip_bytes"]["total"] - one["per_chip_bytes"]["total"] if two else None
     hbm = one["hbm_bytes"]
-    largest = 1 + int((hbm - one["per_chip_bytes"]["total"]) // max(per_seq, 1)) if one["fits"] else 0
+    largest = None
+    if per_seq is not None:
+        largest = 1 + int((hbm - one["per_chip_bytes"]["total"]) // max(per_seq, 1)) if one["fits"] else 0
     return {"model": model, "P": P, "seq": a.seq, "topology": a.topology, "chips": chips,
             "per_chip_total": one["per_chip_bytes"]["total"], "per_chip": one["per_chip_bytes"],
             "bytes_per_sequence": per_seq, "largest_sequences_per_chip": largest,
@@ -86,8 +92,11 @@ def row(cache: dict, model: str, P: int, a) -> dict:
 def markdown(rows: list[dict], a) -> str:
     head = ["model", "P", "per-chip total (1 seq/chip)", "per extra sequence", "largest sequences/chip",
             "model FLOPs/step (1 seq/chip)", "analytic / compiled", "fits"]
-    body = [[r["model"], r["P"], f"{r['per_chip_total'] / GiB:.2f} GiB", f"{r['bytes_per_sequence'] / GiB:.2f} GiB",
-             r["largest_sequences_per_chip"], f"{r['model_flops_per_step']:.3e}",
+    na = "not compiled yet"
+    body = [[r["model"], r["P"], f"{r['per_chip_total'] / GiB:.2f} GiB",
+             f"{r['bytes_per_sequence'] / GiB:.2f} GiB" if r["bytes_per_sequence"] is not None else na,
+             r["largest_sequences_per_chip"] if r["largest_sequences_per_chip"] is not None else na,
+             f"{r['model_flops_per_step']:.3e}",
              f"{r['analytic_total'] / r['per_chip_total']:.2f}", "yes" if r["fits"] else "no"] for r in rows]
     hbm = rows[0]["hbm_bytes"] / GiB if rows else 0
     text = [f"Topology {a.topology} ({a.chips} chips, {hbm:.0f} GiB HBM each), seq {a.seq}, bf16, remat=full, "
@@ -112,6 +121,8 @@ def main(argv=None) -> int:
     ap.add_argument("--verify", nargs="*", default=[], metavar="MODEL:P",
                     help="also compile the predicted largest count for these rows (e.g. paper-0.5b:8)")
     ap.add_argument("--fresh", action="store_true", help="recompile cached rows")
+    ap.add_argument("--jobs", type=int, default=1, help="compiles at a time (each a process)")
+    ap.add_argument("--cached-only", action="store_true", help="no compiles: the table of what is cached")
     a = ap.parse_args(argv)
     from parscale_jax import aot
 
@@ -121,11 +132,26 @@ def main(argv=None) -> int:
     path = os.path.join(B.RESULTS, f"{NAME}.json")
     cache = json.load(open(path)).get("compiles", {}) if os.path.exists(path) else {}
     a.verify_at = {}
+    if a.jobs > 1 and not a.cached_only:  # compile the rows' two batches ahead, a.jobs processes at a time
+        from concurrent.futures import ThreadPoolExecutor
+
+        todo = {f"{m}/P{P}/seq{a.seq}/{a.topology}/b{b}": aot_args(m, P, a.seq, a.topology, a.chips, b)
+                for b in (1, 2) for m in a.models for P in a.P}  # every row's total first
+        todo = {k: v for k, v in todo.items() if a.fresh or k not in cache}
+        with ThreadPoolExecutor(a.jobs) as pool:
+            for key, res in zip(todo, pool.map(compile_one, todo.values())):
+                cache[key] = res
+                B.log(f"{key}: {res['per_chip_bytes']['total'] / GiB:.2f} GiB in {res['compile_s']:.0f} s")
+                with open(path + ".tmp", "w") as f:
+                    json.dump({"compiles": cache}, f)
+                os.replace(path + ".tmp", path)
     rows = []
     for model in a.models:
         for P in a.P:
             r = row(cache, model, P, a)
-            if f"{model}:{P}" in a.verify:  # second pass with the predicted largest count
+            if r is None:
+                continue
+            if f"{model}:{P}" in a.verify and r["largest_sequences_per_chip"]:  # compile the predicted count
                 a.verify_at[(model, P)] = r["largest_sequences_per_chip"]
                 r = row(cache, model, P, a)
             rows.append(r)
