@@ -6,10 +6,15 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup test test-fast demo recycle clean
 
+# libtpu (the `aot` extra's pin) goes to .venv/libtpu, off sys.path: parscale_jax.aot loads it to
+# compile for TPU topologies on this host; nothing else sees it.
+LIBTPU = $(shell grep -o '"libtpu==[^"]*"' pyproject.toml | tr -d '"')
+
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps --upgrade --target $(VENV)/libtpu "$(LIBTPU)"
 	touch $(STAMP)
 
 setup: $(STAMP)

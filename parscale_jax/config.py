@@ -1,7 +1,10 @@
 """Model configuration: a frozen dataclass with the Hugging Face Qwen2 names plus ParScale's.
 
-Architecture only (what a checkpoint must agree on). Runtime knobs such as the compute
-dtype, remat and layer scanning are arguments of :func:`parscale_jax.model.make_model`.
+Architecture (what a checkpoint must agree on), plus one runtime knob that belongs to the model
+section of a training config: ``attention_impl`` (see :mod:`parscale_jax.attention`). It is left
+out of :meth:`ModelConfig.to_dict` (checkpoint metadata, Hugging Face exports, architecture
+comparisons). Other runtime knobs (compute dtype, remat, layer scanning) are arguments of
+:func:`parscale_jax.model.make_model`.
 """
 from __future__ import annotations
 
@@ -14,6 +17,10 @@ from parscale_jax.errors import UserError
 
 class ConfigError(UserError, ValueError):
     """An invalid configuration value; the message names the field and the fix."""
+
+
+RUNTIME_FIELDS = ("attention_impl",)
+ATTENTION_IMPLS = ("auto", "xla", "chunked", "splash", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +40,8 @@ class ModelConfig:
     parscale_n: int = 1  # P, the number of parallel streams
     parscale_n_tokens: int = 48  # T, prefix tokens per stream and layer
     parscale_attn_smooth: float = 0.1  # eps of the gate's smoothing (the paper's value)
+    # runtime, not architecture: auto | xla | chunked | splash | cudnn (parscale_jax.attention)
+    attention_impl: str = "auto"
 
     def __post_init__(self) -> None:
         validate(self)
@@ -56,7 +65,8 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The architecture fields (runtime knobs such as ``attention_impl`` left out)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in RUNTIME_FIELDS}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
@@ -104,6 +114,9 @@ def validate(cfg: ModelConfig) -> None:
     if not 0.0 <= float(cfg.parscale_attn_smooth) < 1.0:
         raise ConfigError(
             f"model.parscale_attn_smooth={cfg.parscale_attn_smooth} is invalid: it must lie in [0, 1) (paper: 0.1)")
+    if cfg.attention_impl not in ATTENTION_IMPLS + ("splash_interpret",):
+        raise ConfigError(f"model.attention_impl={cfg.attention_impl!r} is unknown: choose one of "
+                          f"{', '.join(ATTENTION_IMPLS)}")
     for name in ("rope_theta", "rms_norm_eps", "initializer_range"):
         v = getattr(cfg, name)
         if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from parscale_jax.errors import UserError
-from parscale_jax.loss import token_nll
+from parscale_jax.loss import sequence_nll, token_nll
 
 
 def make_windows(tokens: np.ndarray, seq_len: int) -> np.ndarray:
@@ -28,9 +28,9 @@ def make_windows(tokens: np.ndarray, seq_len: int) -> np.ndarray:
 
 @functools.partial(jax.jit, static_argnums=0)
 def _windows_nll(model: Any, params: Any, windows: jax.Array, keep: jax.Array) -> jax.Array:
-    """Summed next-token NLL of the kept windows [B, L] (inputs w[:, :-1], targets w[:, 1:])."""
-    logits, _ = model.apply({"params": params}, windows[:, :-1])
-    return jnp.sum(token_nll(logits, windows[:, 1:]) * keep[:, None])
+    """Summed next-token NLL of the kept windows [B, L] (inputs w[:, :-1], targets w[:, 1:]):
+    the train step's loss (chunked LM head, no full logits)."""
+    return jnp.sum(sequence_nll(model, params, windows) * keep[:, None])
 
 
 def window_loss(model: Any, params: Any, tokens: np.ndarray, seq_len: int, batch_size: int,

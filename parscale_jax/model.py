@@ -15,7 +15,9 @@ P = 1 has no prefix and no aggregator: it is exactly Qwen2.
 Params are one pytree with three groups: ``backbone`` (shared by all streams), ``prefix``
 (``k``/``v`` of shape [L, P, nKV, T, hd]) and ``aggregator`` (the gate). Layers are stacked
 on a leading ``layers`` axis (``nn.scan``). Every param and activation carries logical axis
-names (see ``LOGICAL_AXES``) so a mesh is mapped onto them by rules (``sharding.py``).
+names (params the short ones such as ``embed``, activations ``activation_*``) so a mesh is
+mapped onto them by rules (``sharding.py``). Attention (:mod:`parscale_jax.attention`) never
+forms the [S, T + S] score matrix unless ``attention_impl=xla``.
 
 The KV cache for decoding is an explicit pytree (see :func:`init_cache`): per stream and
 layer the T prefix entries come first, then the tokens.
@@ -29,19 +31,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from parscale_jax import attention as A
 from parscale_jax.config import ModelConfig
 
 Array = jax.Array
-
-# Logical axis names. Params use the short names; activations the ``activation_`` ones, so
-# that rules can shard a weight's embed dim over fsdp without sharding activations' embed.
-LOGICAL_AXES = (
-    "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "layers", "stream", "prefix",
-    "stream_embed",
-    "activation_batch", "activation_stream", "activation_length", "activation_embed",
-    "activation_heads", "activation_kv_heads", "activation_head_dim", "activation_mlp",
-    "activation_vocab", "activation_kv_length",
-)
 
 REMAT_POLICIES = {
     "none": None,
@@ -56,12 +49,25 @@ def _dtype(d: Any) -> Any:
     return _DTYPES[d] if isinstance(d, str) else d
 
 
+class _Logical(nn.LogicallyPartitioned):
+    """A param's logical axis names. The sharding constraint applies once the value has its
+    final rank: DenseGeneral initialises a multi-dimensional kernel flat and unboxes it before
+    the reshape (under ``jax.set_mesh`` the flat value would fail the constraint)."""
+
+    def unbox(self, apply_constraint=True):
+        return super().unbox(apply_constraint and len(self.names) == jnp.ndim(self.value))
+
+
+def _logical(init, names: tuple[str, ...]):
+    return lambda *args, **kwargs: _Logical(init(*args, **kwargs), names)
+
+
 def _init(std: float, names: tuple[str, ...]):
-    return nn.with_logical_partitioning(nn.initializers.normal(std), names)
+    return _logical(nn.initializers.normal(std), names)
 
 
 def _zeros(names: tuple[str, ...]):
-    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+    return _logical(nn.initializers.zeros_init(), names)
 
 
 def _constrain(x: Array, names: tuple[str, ...]) -> Array:
@@ -77,7 +83,7 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+        scale = self.param("scale", _logical(nn.initializers.ones_init(), ("embed",)),
                            (x.shape[-1],), jnp.float32)
         xf = x.astype(jnp.float32)
         y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
@@ -101,10 +107,9 @@ class Attention(nn.Module):
 
     cfg: ModelConfig
     dtype: Any
-    attention_impl: str | None = None
 
     @nn.compact
-    def __call__(self, x, positions, mask, prefix_kv, cache_kv, cache_index):
+    def __call__(self, x, positions, ctx, prefix_kv, cache_kv):
         cfg, hd = self.cfg, self.cfg.hd
         nH, nKV, std = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.initializer_range
         dense = functools.partial(nn.DenseGeneral, dtype=self.dtype, param_dtype=jnp.float32)
@@ -116,31 +121,27 @@ class Attention(nn.Module):
                   bias_init=_zeros(("kv_heads", "head_dim")))(x)
         q = _constrain(rotary(q, positions, cfg.rope_theta),
                        ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
-        k = rotary(k, positions, cfg.rope_theta)
-        kv_names = ("activation_batch", "activation_kv_length", "activation_kv_heads", "activation_head_dim")
+        kv_names = ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim")
+        k = _constrain(rotary(k, positions, cfg.rope_theta), kv_names)
+        v = _constrain(v, kv_names)
 
         new_cache = None
         if cache_kv is not None:
             # Cache slots: [T prefix entries | tokens]; this call's tokens go after the
             # `cache_index` tokens already there. The prefix entries were written by init_cache.
             ck, cv = cache_kv
-            start = (0, cfg.prefix_len + cache_index, 0, 0)
+            start = (0, cfg.prefix_len + ctx["cache_index"], 0, 0)
             ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
             cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
             new_cache = (ck, cv)
-            keys, values = ck.astype(self.dtype), cv.astype(self.dtype)
-        elif prefix_kv is not None:
-            B = x.shape[0]
-            pk, pv = (jnp.broadcast_to(jnp.swapaxes(a, 0, 1).astype(self.dtype), (B, a.shape[1], nKV, hd))
-                      for a in prefix_kv)  # [nKV, T, hd] -> [B, T, nKV, hd], not rotated
-            keys = jnp.concatenate([pk, k.astype(self.dtype)], axis=1)
-            values = jnp.concatenate([pv, v.astype(self.dtype)], axis=1)
+            out = A.masked_attention(q, ck.astype(self.dtype), cv.astype(self.dtype), ctx["q_pos"], ctx["kv_pos"],
+                                     ctx["segments"], ctx["kv_segments"], cfg.attention_impl)
         else:
-            keys, values = k, v
-        keys, values = _constrain(keys, kv_names), _constrain(values, kv_names)
-
-        out = jax.nn.dot_product_attention(q, keys, values, mask=mask[:, None], scale=hd ** -0.5,
-                                           implementation=self.attention_impl)
+            prefix = None
+            if prefix_kv is not None:  # [nKV, T, hd] -> [T, nKV, hd], not rotated
+                prefix = tuple(jnp.swapaxes(a, 0, 1).astype(self.dtype) for a in prefix_kv)
+            out = A.self_attention(q, k, v, prefix, ctx["segments"], cfg.attention_impl)
+        out = _constrain(out, ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
         out = dense(cfg.hidden_size, axis=(-2, -1), use_bias=False, name="o",
                     kernel_init=_init(std, ("heads", "head_dim", "embed")))(out)
         return out, new_cache
@@ -167,14 +168,13 @@ class DecoderLayer(nn.Module):
 
     cfg: ModelConfig
     dtype: Any
-    attention_impl: str | None = None
 
     @nn.compact
     def __call__(self, x, layer_in, ctx):
         cfg = self.cfg
-        attn_out, new_cache = Attention(cfg, self.dtype, self.attention_impl, name="attn")(
+        attn_out, new_cache = Attention(cfg, self.dtype, name="attn")(
             RMSNorm(cfg.rms_norm_eps, self.dtype, name="input_norm")(x),
-            ctx["positions"], ctx["mask"], layer_in["prefix"], layer_in["cache"], ctx["cache_index"])
+            ctx["positions"], ctx, layer_in["prefix"], layer_in["cache"])
         x = x + attn_out
         x = x + MLP(cfg, self.dtype, name="mlp")(RMSNorm(cfg.rms_norm_eps, self.dtype, name="post_attn_norm")(x))
         x = _constrain(x, ("activation_batch", "activation_length", "activation_embed"))
@@ -188,7 +188,6 @@ class Decoder(nn.Module):
     dtype: Any
     remat: str = "none"
     scan_unroll: int | bool = 1
-    attention_impl: str | None = None
 
     @nn.compact
     def __call__(self, x, stream_in, ctx):
@@ -198,7 +197,7 @@ class Decoder(nn.Module):
         stack = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
                         in_axes=(0, nn.broadcast), length=self.cfg.num_hidden_layers,
                         unroll=self.scan_unroll, metadata_params={nn.PARTITION_NAME: "layers"})
-        return stack(self.cfg, self.dtype, self.attention_impl, name="layers")(x, stream_in, ctx)
+        return stack(self.cfg, self.dtype, name="layers")(x, stream_in, ctx)
 
 
 class Backbone(nn.Module):
@@ -208,7 +207,6 @@ class Backbone(nn.Module):
     dtype: Any
     remat: str = "none"
     scan_unroll: int | bool = 1
-    attention_impl: str | None = None
     stream_mesh_axis: str | None = None
 
     def setup(self):
@@ -220,7 +218,7 @@ class Backbone(nn.Module):
         streams = nn.vmap(Decoder, variable_axes={"params": None}, split_rngs={"params": False},
                           in_axes=(None, 0, None), out_axes=0, axis_size=cfg.parscale_n,
                           spmd_axis_name=self.stream_mesh_axis)
-        self.decoder = streams(cfg, self.dtype, self.remat, self.scan_unroll, self.attention_impl)
+        self.decoder = streams(cfg, self.dtype, self.remat, self.scan_unroll)
         self.final_norm = RMSNorm(cfg.rms_norm_eps, self.dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.DenseGeneral(cfg.vocab_size, use_bias=False, dtype=self.dtype,
@@ -229,7 +227,11 @@ class Backbone(nn.Module):
 
     def __call__(self, tokens, stream_in, ctx):
         """Per-stream normed final states [P, B, S, H] and the per-stream new cache (or None)."""
-        x = _constrain(self.embed(tokens), ("activation_batch", "activation_length", "activation_embed"))
+        # The lookup's output is sharded like the table (embed over fsdp); split the batch over
+        # data first, then trade embed for batch over fsdp (one all-to-all): resharding in one
+        # step makes XLA replicate the whole tensor on a data x fsdp x tensor mesh.
+        x = _constrain(self.embed(tokens), ("activation_batch_data", "activation_length", "embed"))
+        x = _constrain(x, ("activation_batch", "activation_length", "activation_embed"))
         h, new_cache = self.decoder(x, stream_in, ctx)
         h = _constrain(h, ("activation_stream", "activation_batch", "activation_length", "activation_embed"))
         return self.final_norm(h), new_cache
@@ -292,12 +294,10 @@ class ParScaleLM(nn.Module):
     dtype: Any = jnp.float32
     remat: str = "none"
     scan_unroll: int | bool = 1
-    attention_impl: str | None = None
     stream_mesh_axis: str | None = None
 
     def setup(self):
-        self.backbone = Backbone(self.cfg, self.dtype, self.remat, self.scan_unroll, self.attention_impl,
-                                 self.stream_mesh_axis)
+        self.backbone = Backbone(self.cfg, self.dtype, self.remat, self.scan_unroll, self.stream_mesh_axis)
         if self.cfg.parscale_n > 1:
             self.prefix = Prefix(self.cfg)
             self.aggregator = Aggregator(self.cfg, self.dtype)
@@ -307,33 +307,29 @@ class ParScaleLM(nn.Module):
         cfg = self.cfg
         B, S = tokens.shape
         valid = jnp.ones((B, S), bool) if attention_mask is None else attention_mask.astype(bool)
+        # Segments: 1 real token, 0 padding (see parscale_jax.attention); None: no padding.
+        segments = None if attention_mask is None else valid.astype(jnp.int32)
         T = cfg.prefix_len
+        new_valid = None
         if cache is None:
             # Real tokens keep positions 0, 1, ... counting real tokens only (left padding).
             positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
-            i = jnp.arange(S)
-            tok = (i[None, :] <= i[:, None])[None] & valid[:, None, :]
-            tok = tok | jnp.eye(S, dtype=bool)[None]  # a padded query sees itself: no empty rows
-            mask = jnp.concatenate([jnp.ones((B, S, T), bool), tok], axis=-1) if T else tok
-            cache_index = jnp.zeros((), jnp.int32)
-            new_valid = None
+            ctx = {"positions": positions, "segments": segments}
         else:
             cache_index = cache["index"]
             seen = jnp.sum(cache["valid"][:, T:], axis=1)  # real tokens already in the cache
             positions = seen[:, None] + jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
             new_valid = jax.lax.dynamic_update_slice(cache["valid"], valid, (0, T + cache_index))
-            slots = jnp.arange(new_valid.shape[1]) - T  # token index held by each slot
-            q_idx = cache_index + jnp.arange(S)
-            tok = (slots[None, None, :] <= q_idx[None, :, None]) & new_valid[:, None, :]
-            tok = tok | (slots[None, None, :] == q_idx[None, :, None])
-            mask = tok | (slots < 0)[None, None, :]
+            slots = jnp.arange(new_valid.shape[1], dtype=jnp.int32) - T  # token index of each slot
+            kv_seg = jnp.where(slots[None, :] < 0, 1, new_valid.astype(jnp.int32))  # prefix: real
+            ctx = {"positions": positions, "segments": valid.astype(jnp.int32), "cache_index": cache_index,
+                   "q_pos": cache_index + jnp.arange(S, dtype=jnp.int32), "kv_pos": slots, "kv_segments": kv_seg}
         stream_in = {
             "prefix": self.prefix() if cfg.parscale_n > 1 and cache is None else None,
             "cache": (cache["k"], cache["v"]) if cache is not None else None,
         }
         if stream_in["prefix"] is not None:  # [L, P, ...] -> [P, L, ...] for the stream vmap
             stream_in["prefix"] = tuple(jnp.swapaxes(a, 0, 1) for a in stream_in["prefix"])
-        ctx = {"positions": positions, "mask": mask, "cache_index": cache_index}
         z, kv = self.backbone(tokens, stream_in, ctx)
         new_cache = None
         if cache is not None:
@@ -346,24 +342,32 @@ class ParScaleLM(nn.Module):
             return z[0], jnp.ones(z.shape[1:3] + (1,), jnp.float32)
         return self.aggregator(z)
 
-    def __call__(self, tokens, attention_mask=None, cache=None):
+    def hidden(self, tokens, attention_mask=None, cache=None):
+        """The mixed final state [B, S, H] (the LM head's input), new cache."""
         z, new_cache = self.stream_states(tokens, attention_mask, cache)
         h, _ = self.aggregate(z)
+        return _constrain(h, ("activation_batch", "activation_length", "activation_embed")), new_cache
+
+    def __call__(self, tokens, attention_mask=None, cache=None):
+        h, new_cache = self.hidden(tokens, attention_mask, cache)
         return self.backbone.logits(h), new_cache
 
 
 # ---- functional API ----------------------------------------------------------------------
 def make_model(cfg: ModelConfig, dtype: Any = "float32", remat: str = "none", scan_layers: bool = True,
-               attention_impl: str | None = None, stream_mesh_axis: str | None = None) -> ParScaleLM:
+               stream_mesh_axis: str | None = None, platform: str | None = None) -> ParScaleLM:
     """Build the module. ``dtype`` is the compute dtype (params stay float32).
 
     ``scan_layers=False`` unrolls the layer loop (same param layout, longer compiles).
     ``remat``: "none", "full" (recompute each layer in the backward pass) or "save_dots".
+    ``cfg.attention_impl`` is resolved for ``platform`` (default: jax's default backend; the
+    AOT compiler passes the target's), so the module holds a concrete implementation.
     """
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat={remat!r}: choose one of {sorted(REMAT_POLICIES)}")
     unroll = 1 if scan_layers else cfg.num_hidden_layers
-    return ParScaleLM(cfg, _dtype(dtype), remat, unroll, attention_impl, stream_mesh_axis)
+    cfg = cfg.replace(attention_impl=A.resolve(cfg.attention_impl, platform, _dtype(dtype)))
+    return ParScaleLM(cfg, _dtype(dtype), remat, unroll, stream_mesh_axis)
 
 
 def _boxed_init(model: ParScaleLM, rng: Array):
@@ -386,6 +390,12 @@ def logical_axes(model: ParScaleLM) -> dict:
     """The params' logical axis names as a pytree of PartitionSpec (same structure as params)."""
     boxed = jax.eval_shape(lambda r: _boxed_init(model, r), jax.random.PRNGKey(0))
     return nn.get_partition_spec(boxed)
+
+
+def lm_head_kernel(cfg: ModelConfig, params: dict) -> Array:
+    """The LM head as an [H, V] matrix (the embedding, transposed, when tied)."""
+    bb = params["backbone"]
+    return bb["embed"]["embedding"].T if cfg.tie_word_embeddings else bb["lm_head"]["kernel"]
 
 
 def count_params(params: Any, non_embedding: bool = False) -> int:
@@ -419,8 +429,3 @@ def init_cache(model: ParScaleLM, params: dict, batch_size: int, max_len: int, d
         v = v.at[:, :, :, :T].set(jnp.broadcast_to(pv, shape[:3] + pv.shape[3:]))
     return {"k": k, "v": v, "valid": jnp.zeros((batch_size, T + max_len), bool),
             "index": jnp.zeros((), jnp.int32)}
-
-
-def param_groups(params: dict) -> dict[str, Any]:
-    """The three groups (absent ones omitted): backbone, prefix, aggregator."""
-    return {g: params[g] for g in ("backbone", "prefix", "aggregator") if g in params}

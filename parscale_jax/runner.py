@@ -6,7 +6,6 @@ scratch or, with ``init_from``, from another checkpoint's backbone (stage 2 of t
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import sys
@@ -15,7 +14,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import linen as nn
 from jax.experimental import multihost_utils
 
 from parscale_jax import checkpoint as C
@@ -23,7 +21,6 @@ from parscale_jax import data as D
 from parscale_jax import evaluate as E
 from parscale_jax import flops as F
 from parscale_jax import model as M
-from parscale_jax import optim as O
 from parscale_jax import recycle as R
 from parscale_jax import sharding as S
 from parscale_jax import train_step as TS
@@ -59,18 +56,6 @@ def maybe_initialize_distributed(dcfg) -> None:
 
 
 # ---- helpers -----------------------------------------------------------------------------
-def _model_from(cfg: TrainConfig, mesh) -> M.ParScaleLM:
-    stream_axis = "stream" if mesh.shape["stream"] > 1 else None
-    if stream_axis and cfg.model.parscale_n % mesh.shape["stream"]:
-        raise UserError(f"mesh.stream={mesh.shape['stream']} does not divide model.parscale_n="
-                        f"{cfg.model.parscale_n}: choose a divisor of P for mesh.stream")
-    return M.make_model(cfg.model, cfg.dtype, cfg.remat, cfg.scan_layers, stream_mesh_axis=stream_axis)
-
-
-@contextlib.contextmanager
-def mesh_rules(mesh):
-    with mesh, nn.logical_axis_rules(S.rules_for(mesh)):
-        yield
 
 
 def check_workdir(workdir: str, cfg: TrainConfig, ckpt: C.Checkpointer) -> int | None:
@@ -159,23 +144,18 @@ def train(cfg: TrainConfig, workdir: str, verbose: bool = True) -> dict[str, Any
     if cfg.data.heldout_fraction > 0:
         heldout, heldout_bytes = D.heldout_tokens(cfg.data, tok)
 
-    model = _model_from(cfg, mesh)
-    tx = O.make_optimizer(cfg.optim, cfg.steps)
-    lr_fn = O.schedule(cfg.optim, cfg.steps)
+    program = TS.build(cfg, mesh)  # model, optimizer, state shardings, jitted step (shared with aot.py)
+    model, tx, lr_fn = program.model, program.tx, program.lr_fn
+    shardings, abstract_sh = program.state_shardings, program.abstract_state
     rng = jax.random.PRNGKey(cfg.seed)
-    logical = M.logical_axes(model)
 
     init_note = {}
-    with mesh_rules(mesh):
+    with S.activate(mesh):
         if resume_step is None and cfg.init_from:
             host_params, init_note = R.init_from(cfg.init_from, cfg.model, jax.random.fold_in(rng, 1))
             init_fn = lambda r: TS.new_state(host_params, tx, cfg.freeze_backbone, r)  # noqa: E731
         else:
             init_fn = lambda r: TS.new_state(M.init_params(model, r), tx, cfg.freeze_backbone, r)  # noqa: E731
-        abstract = jax.eval_shape(init_fn, rng)
-        shardings = TS.state_shardings(abstract, logical, mesh)
-        abstract_sh = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                   abstract, shardings)
         t0 = time.perf_counter()
         if resume_step is not None:
             state, data_state, meta = ckpt.restore(resume_step, abstract_sh)
@@ -200,11 +180,7 @@ def train(cfg: TrainConfig, workdir: str, verbose: bool = True) -> dict[str, Any
                         raise UserError(f"keep_data_position=true but {cfg.init_from} has no data position "
                                         f"({type(e).__name__}): drop keep_data_position") from None
 
-        step_fn = TS.make_train_step(model, tx, cfg.optim.grad_accum, cfg.nan_policy, lr_fn)
-        batch_sh = S.batch_sharding(mesh)
-        rep = S.replicated(mesh)
-        jstep = jax.jit(step_fn, in_shardings=(shardings, batch_sh), out_shardings=(shardings, rep),
-                        donate_argnums=(0,))
+        jstep, batch_sh = program.step, program.batch_sharding
 
     n_params = M.count_params(TS.full_params(state))
     opt_bytes = _nbytes(state["opt_state"])
@@ -278,7 +254,7 @@ def train(cfg: TrainConfig, workdir: str, verbose: bool = True) -> dict[str, Any
             for step in range(start + 1, cfg.steps + 1):
                 batch = next(it)["tokens"]
                 gbatch = jax.make_array_from_process_local_data(batch_sh, batch, (cfg.batch_size, seq + 1))
-                with mesh_rules(mesh):
+                with S.activate(mesh):
                     state, metrics = jstep(state, gbatch)
                 if compile_s is None:
                     jax.block_until_ready(metrics["loss"])

@@ -7,12 +7,14 @@ on one CPU device (every axis 1) and on a pod slice.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as Pspec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as Pspec
 
 from parscale_jax.errors import UserError
 
@@ -30,6 +32,7 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("stream", "stream"),
     # activations
     ("activation_batch", BATCH_AXES),
+    ("activation_batch_data", "data"),  # a step of resharding (the embedding lookup)
     ("activation_stream", "stream"),
     ("activation_heads", "tensor"),
     ("activation_kv_heads", "tensor"),
@@ -59,16 +62,25 @@ def _fmt(sizes: dict[str, int]) -> str:
 
 
 def make_mesh(mesh_cfg, devices: list | None = None) -> Mesh:
-    devices = jax.devices() if devices is None else devices
+    """The mesh of ``devices`` (default: all) with every axis of type Auto (sharding propagated
+    by XLA from the params' and the logical constraints' shardings). Activate it with
+    :func:`activate` (``jax.set_mesh`` plus the logical axis rules)."""
+    devices = jax.devices() if devices is None else list(devices)
     sizes = mesh_shape(mesh_cfg, len(devices))
     shape = tuple(sizes[a] for a in AXES)
-    try:
-        from jax.experimental import mesh_utils
+    auto = (AxisType.Auto,) * len(AXES)
+    try:  # a topology-aware device order (ICI neighbours on inner axes)
+        return jax.make_mesh(shape, AXES, axis_types=auto, devices=devices)
+    except Exception:  # e.g. CPU devices or an odd topology: plain order
+        return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=auto)
 
-        arr = mesh_utils.create_device_mesh(shape, devices=devices)
-    except Exception:  # e.g. CPU or an odd topology: plain order
-        arr = np.asarray(devices).reshape(shape)
-    return Mesh(arr, AXES)
+
+@contextlib.contextmanager
+def activate(mesh: Mesh):
+    """``jax.set_mesh(mesh)`` and the logical axis rules for it: the context in which the model
+    is traced (flax's logical constraints only apply under ``jax.set_mesh``)."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules_for(mesh)):
+        yield
 
 
 def rules_for(mesh: Mesh) -> tuple[tuple[str, Any], ...]:

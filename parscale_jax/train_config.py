@@ -371,6 +371,7 @@ KEY_DOCS: dict[str, str] = {
     "model.parscale_n": "P, the number of parallel streams (1 = plain Qwen2)",
     "model.parscale_n_tokens": "T, prefix tokens per stream and layer",
     "model.parscale_attn_smooth": "gate smoothing eps: w(1-eps) + eps/P",
+    "model.attention_impl": "auto (splash on TPU, cudnn on GPU, chunked on CPU), xla (materialised mask, the reference), chunked, splash or cudnn; runtime only, not saved as architecture",
     "data.source": "stdlib (this interpreter's standard library, the default corpus), or a file, directory or glob",
     "data.format": "auto (by extension), text, jsonl, npy (pre-tokenised ids)",
     "data.text_field": "JSONL field holding the text",

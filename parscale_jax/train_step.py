@@ -10,7 +10,7 @@ A frozen backbone gets no gradient and no optimizer state: it lives in ``frozen`
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +18,10 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as Pspec
 
 from parscale_jax import model as M
+from parscale_jax import optim as O
 from parscale_jax import sharding as S
-from parscale_jax.loss import token_nll
+from parscale_jax.errors import UserError
+from parscale_jax.loss import sequence_nll
 
 
 def split_params(params: dict, freeze_backbone: bool) -> tuple[dict, dict]:
@@ -80,8 +82,7 @@ def make_train_step(model: M.ParScaleLM, tx: optax.GradientTransformation, grad_
     ``nan_policy="skip"`` keeps the old params/optimizer state when the loss or grads are not finite."""
 
     def summed_loss(trainable, frozen, tokens):
-        logits, _ = model.apply({"params": {**frozen, **trainable}}, tokens[:, :-1])
-        return jnp.sum(token_nll(logits, tokens[:, 1:]))
+        return jnp.sum(sequence_nll(model, {**frozen, **trainable}, tokens))
 
     grad_fn = jax.value_and_grad(summed_loss)
 
@@ -120,6 +121,41 @@ def make_train_step(model: M.ParScaleLM, tx: optax.GradientTransformation, grad_
         return new, metrics
 
     return step
+
+
+class TrainProgram(NamedTuple):
+    """Everything :func:`build` derives from a training config and a mesh: what train.py runs
+    and what ``python -m parscale_jax.aot`` compiles for a TPU topology."""
+    model: M.ParScaleLM
+    tx: optax.GradientTransformation
+    lr_fn: Callable
+    state_shardings: dict           # NamedShardings of the train state
+    abstract_state: dict            # jax.ShapeDtypeStruct per leaf, with its sharding
+    batch_sharding: NamedSharding   # tokens [batch_size, seq_len + 1]
+    step: Callable                  # jit(step), state donated
+
+
+def build(cfg, mesh, platform: str | None = None) -> TrainProgram:
+    """The model, optimizer, abstract train state with its shardings and the jitted step for a
+    TrainConfig on ``mesh``; nothing is allocated. ``platform`` resolves ``attention_impl=auto``
+    (default: jax's default backend)."""
+    stream_axis = "stream" if mesh.shape["stream"] > 1 else None
+    if stream_axis and cfg.model.parscale_n % mesh.shape["stream"]:
+        raise UserError(f"mesh.stream={mesh.shape['stream']} does not divide model.parscale_n="
+                        f"{cfg.model.parscale_n}: choose a divisor of P for mesh.stream")
+    model = M.make_model(cfg.model, cfg.dtype, cfg.remat, cfg.scan_layers, stream_mesh_axis=stream_axis,
+                         platform=platform)
+    tx, lr_fn = O.make_optimizer(cfg.optim, cfg.steps), O.schedule(cfg.optim, cfg.steps)
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    abstract = jax.eval_shape(lambda r: new_state(M.init_params(model, r), tx, cfg.freeze_backbone, r), rng)
+    shardings = state_shardings(abstract, M.logical_axes(model), mesh)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    batch_sh = S.batch_sharding(mesh)
+    step_fn = make_train_step(model, tx, cfg.optim.grad_accum, cfg.nan_policy, lr_fn)
+    # traced (by a call or .lower) under S.activate(mesh), which the caller enters
+    step = jax.jit(step_fn, in_shardings=(shardings, batch_sh), out_shardings=(shardings, S.replicated(mesh)),
+                   donate_argnums=(0,))
+    return TrainProgram(model, tx, lr_fn, shardings, abstract, batch_sh, step)
 
 
 def _mesh_active() -> bool:

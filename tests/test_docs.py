@@ -24,7 +24,7 @@ import jax
 import pytest
 import yaml
 
-from parscale_jax import convert, scaling, tasks, torch_ref, train_config
+from parscale_jax import aot, convert, scaling, tasks, torch_ref, train_config
 from parscale_jax.cli import eval as eval_cli
 from parscale_jax.cli import generate
 from parscale_jax.cli import train as train_cli
@@ -46,6 +46,8 @@ EXERCISED = {
     "python -m parscale_jax.convert from-hf --hf export/tiny-p4 --out runs/tiny-p4-back": "tests/test_convert.py",
     'python -m parscale_jax.torch_ref export/tiny-p4 --prompt "def fib(n):" --max-new-tokens 16':
         "tests/test_convert.py",
+    "python -m parscale_jax.aot --config configs/paper-0.5b.yaml --topology v5p:2x2x2 model.parscale_n=8 "
+    "data.seq_len=2048 batch_size=8 mesh.fsdp=8 mesh.data=1": "tests/test_aot.py",
     "python -m parscale_jax.scaling fit": "tests/test_scaling.py",
     "python -m parscale_jax.scaling plan --P 1 2 4 8": "tests/test_scaling.py",
 }
@@ -84,7 +86,15 @@ PARSERS = {
     "parscale_jax.convert": convert.build_parser,
     "parscale_jax.tasks": tasks.build_parser,
     "parscale_jax.torch_ref": torch_ref.build_parser,
+    "parscale_jax.aot": lambda: _Parse(aot.parse_args),
 }
+
+
+class _Parse:
+    """A parser-like wrapper for command lines that expose parse_args(argv) instead of a parser."""
+
+    def __init__(self, fn):
+        self.parse_args = fn
 
 
 def check_parses(cmd: str, monkeypatch) -> None:

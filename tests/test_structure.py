@@ -22,12 +22,12 @@ PKG = REPO / "parscale_jax"
 LAYERS: list[tuple[str, set[str]]] = [
     ("foundations", {"errors", "hardware", "fileio", "metrics"}),
     ("configs", {"config", "data.config"}),
-    ("data, model, optimisation", {"data", "model", "loss", "flops", "params", "optim", "sharding",
+    ("data, model, optimisation", {"data", "attention", "model", "loss", "flops", "params", "optim", "sharding",
                                    "train_config"}),
     ("formats and steps", {"hf", "checkpoint", "decode", "evaluate", "train_step", "torch_ref"}),
     ("the loader", {"loading"}),
     ("recycling", {"recycle"}),
-    ("programs", {"convert", "runner", "tasks", "scaling"}),
+    ("programs", {"convert", "runner", "tasks", "scaling", "aot"}),
     ("command lines", {"cli"}),
 ]
 # Deferred: runner.train is split into init / restore / step / save / finish with issue 15.

@@ -1,0 +1,344 @@
+"""Causal attention over [prefix | tokens] that never holds the [S, T + S] score matrix.
+
+Which key a query sees is one rule, the same for every implementation::
+
+    query i of row b sees key j   iff   kv_pos[j] <= q_pos[i]   and   kv_seg[b, j] == q_seg[b, i]
+
+Positions order the keys (token index, or cache slot minus T); segments are 1 for real tokens
+and 0 for (left) padding. The T prefix keys of a stream come first, at position -1, in the real
+tokens' segment: every real query sees all of them plus the real tokens up to itself. A padded
+query sees the padding up to itself (never an empty row); nothing of it reaches a real token.
+
+``model.attention_impl`` picks the implementation (``auto``: per platform):
+
+* ``xla``: the reference, today's path: the boolean mask and ``jax.nn.dot_product_attention``
+  (O(S^2) memory).
+* ``chunked``: blockwise online softmax in pure JAX with a hand-written (flash-attention style)
+  backward that recomputes the probabilities block by block: O(S x block) memory, fully
+  masked blocks skipped. The CPU default and the portable fallback; also the KV-cache path of
+  every implementation but ``xla``.
+* ``splash``: the Pallas TPU splash kernel inside ``jax.shard_map`` (batch over data x fsdp,
+  heads over tensor). The prefix is one extra block of keys in front of the tokens, seen
+  through a causal mask shifted by that block (``CausalMask(offset=Tp)``); its unused slots
+  and the left padding are separated by segment ids.
+* ``cudnn``: cuDNN flash attention (``jax.nn.dot_product_attention(implementation="cudnn",
+  is_causal=True)``). The prefix enters as T extra keys in front with T dummy queries in
+  front, so the plain causal mask of length T + S is exactly "all prefix keys, then causal";
+  left padding is rolled to the right and passed as sequence lengths.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as Pspec
+
+from parscale_jax import sharding as S
+from parscale_jax.config import ATTENTION_IMPLS as IMPLS
+from parscale_jax.errors import UserError
+
+Array = jax.Array
+
+# splash run by the Pallas interpreter (any platform, slow): for exactness tests on the CPU.
+SPLASH_INTERPRET = "splash_interpret"
+_AUTO = {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn"}
+BLOCK = 512          # chunked: query/key block (tokens)
+SPLASH_BLOCK = 128   # splash: the kernel's default block; sequences are padded to it
+
+
+def resolve(impl: str, platform: str | None = None, dtype=None) -> str:
+    """The implementation to run on ``platform`` (default: jax's default backend) with compute
+    ``dtype`` (cuDNN flash attention takes 16-bit inputs only: float32 on a GPU runs chunked)."""
+    platform = (platform or jax.default_backend()).lower()
+    sixteen = dtype is None or jnp.dtype(dtype).itemsize == 2
+    if impl == "auto":
+        got = _AUTO.get(platform, "chunked")
+        return "chunked" if got == "cudnn" and not sixteen else got
+    if impl == SPLASH_INTERPRET:
+        return impl
+    if impl not in IMPLS:
+        raise UserError(f"model.attention_impl={impl!r} is unknown: choose one of {', '.join(IMPLS)}")
+    if impl == "splash" and platform != "tpu":
+        raise UserError(f"model.attention_impl=splash needs TPU devices (these are {platform}): "
+                        f"use auto or chunked")
+    if impl == "cudnn" and platform not in ("gpu", "cuda"):
+        raise UserError(f"model.attention_impl=cudnn needs NVIDIA GPU devices (these are {platform}): "
+                        f"use auto or chunked")
+    if impl == "cudnn" and not sixteen:
+        raise UserError(f"model.attention_impl=cudnn needs a 16-bit compute dtype (not {jnp.dtype(dtype).name}): "
+                        f"set dtype=bfloat16, or use auto or chunked")
+    return impl
+
+
+# ---- entry points used by the model -------------------------------------------------------
+def self_attention(q: Array, k: Array, v: Array, prefix: tuple[Array, Array] | None,
+                   segments: Array | None, impl: str) -> Array:
+    """Attention of S tokens over [prefix | tokens] (training, evaluation, prefill without cache).
+
+    q [B, S, nH, hd], k/v [B, S, nKV, hd]; prefix (k, v) [T, nKV, hd] (not rotated) or None;
+    segments [B, S] (1 real, 0 padding) or None (all real). Returns [B, S, nH, hd].
+    """
+    scale = q.shape[-1] ** -0.5
+    if impl in ("splash", SPLASH_INTERPRET):
+        return splash(q, k, v, prefix, segments, scale, interpret=impl == SPLASH_INTERPRET)
+    if impl == "cudnn":
+        return cudnn(q, k, v, prefix, segments, scale)
+    B, S = q.shape[:2]
+    seg = jnp.ones((B, S), jnp.int32) if segments is None else segments.astype(jnp.int32)
+    pos = jnp.arange(S, dtype=jnp.int32)
+    if prefix is not None:
+        T = prefix[0].shape[0]
+        k, v = (jnp.concatenate([jnp.broadcast_to(p.astype(x.dtype), (B,) + p.shape), x], axis=1)
+                for p, x in zip(prefix, (k, v)))
+        kv_pos = jnp.concatenate([jnp.full((T,), -1, jnp.int32), pos])
+        kv_seg = jnp.concatenate([jnp.ones((B, T), jnp.int32), seg], axis=1)
+    else:
+        kv_pos, kv_seg = pos, seg
+    return masked_attention(q, k, v, pos, kv_pos, seg, kv_seg, impl)
+
+
+def masked_attention(q: Array, k: Array, v: Array, q_pos: Array, kv_pos: Array, q_seg: Array,
+                     kv_seg: Array, impl: str, block: int = BLOCK) -> Array:
+    """The rule of the module docstring with explicit positions and segments (also the KV-cache
+    path). q [B, Sq, nH, hd], k/v [B, Skv, nKV, hd], q_pos [Sq], kv_pos [Skv], q_seg [B, Sq],
+    kv_seg [B, Skv]. ``xla`` materialises the mask; every other implementation runs ``chunked``."""
+    scale = q.shape[-1] ** -0.5
+    if impl == "xla":
+        mask = (kv_pos[None, None, :] <= q_pos[None, :, None]) & (kv_seg[:, None, :] == q_seg[:, :, None])
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale, implementation="xla")
+    return chunked(q, k, v, q_pos, kv_pos, q_seg, kv_seg, scale, block)
+
+
+# ---- chunked: blockwise online softmax, flash-attention backward --------------------------
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _pad_to(x: Array, n: int, axis: int, value) -> Array:
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, n - x.shape[axis])
+    return jnp.pad(x, pad, constant_values=value)
+
+
+def _blocked(x: Array, n: int, axis: int) -> Array:
+    """Split ``axis`` into (n, size/n) and move the block index to the front."""
+    shape = x.shape[:axis] + (n, x.shape[axis] // n) + x.shape[axis + 1:]
+    return jnp.moveaxis(x.reshape(shape), axis, 0)
+
+
+def _unblocked(x: Array, axis: int) -> Array:
+    """Inverse of :func:`_blocked` (block index in front, merged back at ``axis``)."""
+    x = jnp.moveaxis(x, 0, axis)
+    return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2:])
+
+
+def chunked(q: Array, k: Array, v: Array, q_pos: Array, kv_pos: Array, q_seg: Array, kv_seg: Array,
+            scale: float, block: int = BLOCK) -> Array:
+    """Blockwise attention; shapes as :func:`masked_attention`. Grouped heads are kept grouped
+    (no repeat of the KV heads)."""
+    B, Sq, nH, hd = q.shape
+    Skv, nKV = k.shape[1], k.shape[2]
+    bq, bk = min(block, Sq), min(block, Skv)
+    Sq_p, Skv_p = _round_up(Sq, bq), _round_up(Skv, bk)
+    # padded queries see nothing (an all-masked row gives 0); padded keys are seen by nobody
+    qg = _pad_to(q.reshape(B, Sq, nKV, nH // nKV, hd), Sq_p, 1, 0)
+    k, v = _pad_to(k, Skv_p, 1, 0), _pad_to(v, Skv_p, 1, 0)
+    q_pos, kv_pos = _pad_to(q_pos.astype(jnp.int32), Sq_p, 0, -2 ** 30), _pad_to(kv_pos.astype(jnp.int32), Skv_p, 0, 2 ** 30)
+    q_seg, kv_seg = _pad_to(q_seg.astype(jnp.int32), Sq_p, 1, -2), _pad_to(kv_seg.astype(jnp.int32), Skv_p, 1, -1)
+    out = _flash(qg, k, v, q_pos, kv_pos, q_seg, kv_seg, float(scale), bq, bk)
+    return out[:, :Sq].reshape(B, Sq, nH, hd)
+
+
+def _allowed(qp, kp, qs, ks):
+    """[B, 1, 1, bq, bk]: which keys of a block each query of a block sees."""
+    ok = (kp[None, None, :] <= qp[None, :, None]) & (ks[:, None, :] == qs[:, :, None])
+    return ok[:, None, None]
+
+
+def _scores(qb, kb, qp, kp, qs, ks, scale):
+    """Masked scores [B, nKV, G, bq, bk] in float32 (-inf where not allowed)."""
+    s = jnp.einsum("bqkgd,bskd->bkgqs", qb, kb, preferred_element_type=jnp.float32) * scale
+    return jnp.where(_allowed(qp, kp, qs, ks), s, -jnp.inf)
+
+
+def _needed(q_pos_b: Array, kv_pos_b: Array) -> Array:
+    """[nq, nk]: blocks with at least one causally visible pair (the others are skipped)."""
+    return jnp.min(kv_pos_b, axis=1)[None, :] <= jnp.max(q_pos_b, axis=1)[:, None]
+
+
+def _flash_forward(qg, k, v, q_pos, kv_pos, q_seg, kv_seg, scale, bq, bk):
+    nq, nk = qg.shape[1] // bq, k.shape[1] // bk
+    kb, vb = _blocked(k, nk, 1), _blocked(v, nk, 1)
+    kpb, ksb = _blocked(kv_pos, nk, 0), _blocked(kv_seg, nk, 1)
+    qpb = _blocked(q_pos, nq, 0)
+    need = _needed(qpb, kpb)
+
+    def q_block(xs):
+        qb, qp, qs, need_row = xs
+        B, _, nKV, G, hd = qb.shape
+
+        def kv_step(carry, ys):
+            def compute(c):
+                m, l, acc = c
+                s = _scores(qb, kj, qp, kp, qs, ks, scale)
+                m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+                m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+                p = jnp.exp(s - m_safe[..., None])
+                alpha = jnp.exp(m - m_safe)
+                pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32)
+                return m_new, l * alpha + jnp.sum(p, axis=-1), acc * alpha[..., None] + pv
+
+            kj, vj, kp, ks, nd = ys
+            return jax.lax.cond(nd, compute, lambda c: c, carry), None
+
+        init = (jnp.full((B, nKV, G, bq), -jnp.inf, jnp.float32), jnp.zeros((B, nKV, G, bq), jnp.float32),
+                jnp.zeros((B, nKV, G, bq, hd), jnp.float32))
+        (m, l, acc), _ = jax.lax.scan(kv_step, init, (kb, vb, kpb, ksb, need_row))
+        out = acc / jnp.where(l > 0, l, 1.0)[..., None]
+        lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), jnp.inf)  # inf: the row sees nothing
+        return jnp.einsum("bkgqd->bqkgd", out).astype(qg.dtype), lse
+
+    out, lse = jax.lax.map(q_block, (_blocked(qg, nq, 1), qpb, _blocked(q_seg, nq, 1), need))
+    return _unblocked(out, 1), lse  # lse stays blocked: [nq, B, nKV, G, bq]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _flash(qg, k, v, q_pos, kv_pos, q_seg, kv_seg, scale, bq, bk):
+    return _flash_forward(qg, k, v, q_pos, kv_pos, q_seg, kv_seg, scale, bq, bk)[0]
+
+
+def _flash_fwd(qg, k, v, q_pos, kv_pos, q_seg, kv_seg, scale, bq, bk):
+    out, lse = _flash_forward(qg, k, v, q_pos, kv_pos, q_seg, kv_seg, scale, bq, bk)
+    return out, (qg, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse)
+
+
+def _flash_bwd(scale, bq, bk, res, dout):
+    """ds = p * (dO.v - D) with D = sum(dO * O); dq = ds k, dk = ds^T q, dv = p^T dO (times
+    scale for dq/dk). Two passes: dq per query block, then dk/dv per key block."""
+    qg, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse = res
+    nq, nk = qg.shape[1] // bq, k.shape[1] // bk
+    D = jnp.einsum("bqkgd,bqkgd->bkgq", dout.astype(jnp.float32), out.astype(jnp.float32))
+    qb, dob, Db = _blocked(qg, nq, 1), _blocked(dout, nq, 1), _blocked(D, nq, 3)
+    qpb, qsb = _blocked(q_pos, nq, 0), _blocked(q_seg, nq, 1)
+    kb, vb = _blocked(k, nk, 1), _blocked(v, nk, 1)
+    kpb, ksb = _blocked(kv_pos, nk, 0), _blocked(kv_seg, nk, 1)
+    need = _needed(qpb, kpb)
+
+    def probs(i, j):
+        """p and ds of query block i with key block j, [B, nKV, G, bq, bk] float32."""
+        s = _scores(qb[i], kb[j], qpb[i], kpb[j], qsb[i], ksb[j], scale)
+        p = jnp.exp(s - lse[i][..., None])
+        dp = jnp.einsum("bqkgd,bskd->bkgqs", dob[i], vb[j], preferred_element_type=jnp.float32)
+        return p, p * (dp - Db[i][..., None])
+
+    def dq_block(i):
+        def step(acc, j):
+            upd = lambda a: a + jnp.einsum("bkgqs,bskd->bqkgd", probs(i, j)[1], kb[j].astype(jnp.float32))  # noqa: E731
+            return jax.lax.cond(need[i, j], upd, lambda a: a, acc), None
+        acc, _ = jax.lax.scan(step, jnp.zeros(qb.shape[1:], jnp.float32), jnp.arange(nk))
+        return (acc * scale).astype(qg.dtype)
+
+    def dkv_block(j):
+        def step(acc, i):
+            def upd(a):
+                p, ds = probs(i, j)
+                dk = jnp.einsum("bkgqs,bqkgd->bskd", ds, qb[i].astype(jnp.float32))
+                dv = jnp.einsum("bkgqs,bqkgd->bskd", p, dob[i].astype(jnp.float32))
+                return a[0] + dk, a[1] + dv
+            return jax.lax.cond(need[i, j], upd, lambda a: a, acc), None
+        zeros = jnp.zeros(kb.shape[1:], jnp.float32)
+        (dk, dv), _ = jax.lax.scan(step, (zeros, zeros), jnp.arange(nq))
+        return (dk * scale).astype(k.dtype), dv.astype(v.dtype)
+
+    dq = _unblocked(jax.lax.map(dq_block, jnp.arange(nq)), 1)
+    dk, dv = jax.lax.map(dkv_block, jnp.arange(nk))
+    return dq, _unblocked(dk, 1), _unblocked(dv, 1), None, None, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# ---- splash (TPU) ---------------------------------------------------------------------------
+def splash(q: Array, k: Array, v: Array, prefix, segments, scale: float, interpret: bool = False) -> Array:
+    """Splash attention over [prefix (padded to a block) | tokens]; shapes as :func:`self_attention`."""
+    B, S, nH, hd = q.shape
+    nKV = k.shape[2]
+    T = 0 if prefix is None else prefix[0].shape[0]
+    Tp, Sp = _round_up(T, SPLASH_BLOCK), _round_up(S, SPLASH_BLOCK)
+    seg = jnp.ones((B, S), jnp.int32) if segments is None else segments.astype(jnp.int32)
+    # padding at the end: its own segment (2), so it sees itself and no real token sees it;
+    # the unused prefix slots: a segment no query has (3)
+    seg = _pad_to(seg, Sp, 1, 2)
+    kv_seg = jnp.concatenate([jnp.ones((B, T), jnp.int32), jnp.full((B, Tp - T), 3, jnp.int32), seg], axis=1)
+    qh = jnp.swapaxes(_pad_to(q * jnp.asarray(scale, q.dtype), Sp, 1, 0), 1, 2)  # [B, nH, Sp, hd]
+
+    def keys(x, p):
+        x = _pad_to(x, Sp, 1, 0)
+        if Tp:
+            pre = jnp.zeros((Tp, nKV, hd), x.dtype) if p is None else _pad_to(p.astype(x.dtype), Tp, 0, 0)
+            x = jnp.concatenate([jnp.broadcast_to(pre, (B,) + pre.shape), x], axis=1)
+        return jnp.swapaxes(x, 1, 2)  # [B, nKV, Tp + Sp, hd]
+
+    kh, vh = keys(k, None if prefix is None else prefix[0]), keys(v, None if prefix is None else prefix[1])
+
+    def kernel(qh, kh, vh, qs, ks):
+        from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+        heads = qh.shape[1]
+        mask = sa.MultiHeadMask([sa.CausalMask((Sp, Tp + Sp), offset=Tp) for _ in range(heads)])
+        fn = sa.make_splash_mha(mask, head_shards=1, q_seq_shards=1, interpret=interpret)
+        return jax.vmap(lambda a, b, c, d, e: fn(a, b, c, segment_ids=sa.SegmentIds(d, e)))(qh, kh, vh, qs, ks)
+
+    out = _on_mesh(kernel, qh, kh, vh, seg, kv_seg)
+    return jnp.swapaxes(out, 1, 2)[:, :S]
+
+
+def _on_mesh(kernel, qh, kh, vh, qs, ks):
+    """Run a per-device kernel on [B, heads, S, hd] operands: under ``jax.shard_map`` when a mesh
+    of several devices is active (batch over the batch axes that divide it, heads over
+    ``tensor`` when it divides the KV heads, or the query heads after repeating the KV heads)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or math.prod(mesh.shape.values()) == 1:
+        return kernel(qh, kh, vh, qs, ks)
+    B, nH, nKV = qh.shape[0], qh.shape[1], kh.shape[1]
+    batch = tuple(a for a in S.BATCH_AXES if mesh.shape.get(a, 1) > 1)
+    while batch and B % math.prod(mesh.shape[a] for a in batch):
+        batch = batch[1:]
+    t = mesh.shape.get("tensor", 1)
+    heads = "tensor" if t > 1 and nH % t == 0 else None
+    if heads and nKV % t:
+        kh, vh = (jnp.repeat(x, nH // nKV, axis=1) for x in (kh, vh))
+    b = batch if len(batch) > 1 else (batch[0] if batch else None)
+    spec4, spec2 = Pspec(b, heads, None, None), Pspec(b, None)
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(spec4, spec4, spec4, spec2, spec2), out_specs=spec4,
+                         check_vma=False)(qh, kh, vh, qs, ks)
+
+
+# ---- cudnn (GPU) ------------------------------------------------------------------------------
+def cudnn(q: Array, k: Array, v: Array, prefix, segments, scale: float) -> Array:
+    """cuDNN flash attention; shapes as :func:`self_attention`. Correct by construction (this
+    project's CI has no GPU): T zero queries and the T prefix keys go in front, so the causal
+    mask over T + S is "every prefix key, then the tokens up to the query"; left-padded rows are
+    rolled so their real tokens come first, and their lengths are passed to cuDNN."""
+    B, S, nH, hd = q.shape
+    lengths = None
+    if segments is not None:
+        n_pad = S - jnp.sum(segments.astype(jnp.int32), axis=1)
+        idx = (jnp.arange(S)[None, :] + n_pad[:, None]) % S  # new slot p holds old slot p + n_pad
+        q, k, v = (jnp.take_along_axis(x, idx[:, :, None, None], axis=1) for x in (q, k, v))
+        lengths = (S - n_pad).astype(jnp.int32)
+    T = 0
+    if prefix is not None:
+        T = prefix[0].shape[0]
+        q = jnp.concatenate([jnp.zeros((B, T) + q.shape[2:], q.dtype), q], axis=1)
+        k, v = (jnp.concatenate([jnp.broadcast_to(p.astype(x.dtype), (B,) + p.shape), x], axis=1)
+                for p, x in zip(prefix, (k, v)))
+    kw = {} if lengths is None else dict(query_seq_lengths=lengths + T, key_value_seq_lengths=lengths + T)
+    out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="cudnn", **kw)[:, T:]
+    if lengths is not None:
+        back = (jnp.arange(S)[None, :] - n_pad[:, None]) % S
+        out = jnp.take_along_axis(out, back[:, :, None, None], axis=1)
+    return out
+
