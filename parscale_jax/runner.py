@@ -270,8 +270,8 @@ def restore(run: _Run) -> dict:
 
     with S.activate(run.mesh):
         got = run.ckpt.restore(program.abstract_state, accept)
-        if got is None:
-            return _fresh(run)
+    if got is None:
+        return _fresh(run)
     run.resume_step, state, data_state, meta = got
     run.saved_summary = meta.get("summary") or {}
     if resume.restarts_data(run.accepted):
@@ -291,7 +291,8 @@ def _fresh(run: _Run) -> dict:
         init_fn = lambda r: TS.new_state(host_params, program.tx, cfg.freeze_backbone, r)  # noqa: E731
     else:
         init_fn = lambda r: TS.new_state(M.init_params(program.model, r), program.tx, cfg.freeze_backbone, r)  # noqa: E731
-    state = jax.jit(init_fn, out_shardings=program.state_shardings)(rng)
+    with S.activate(run.mesh):
+        state = jax.jit(init_fn, out_shardings=program.state_shardings)(rng)
     if run.init_note:
         run.log(run.init_note["init"])
     if cfg.keep_data_position:
