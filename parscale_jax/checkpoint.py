@@ -443,7 +443,7 @@ class Checkpointer:
         if damaged:
             raise UserError(f"no intact checkpoint in {self.dir}: " + "; ".join(
                 f"step {s} is damaged ({why})" for s, why in damaged) + ": restore the files, or start afresh "
-                f"in a new --workdir (nothing was moved)")
+                "in a new --workdir (nothing was moved)")
         return None
 
     def _set_aside(self, damaged: list[tuple[int, str]], used: int) -> None:
