@@ -66,7 +66,7 @@ def run_one(args, H: int, I: int, L: int, P: int) -> dict:
     shutil.rmtree(wd, ignore_errors=True)
     B.log(f"== {name}: {cfg.steps} steps x {cfg.batch_size} x {cfg.data.seq_len} tokens -> {wd}")
     t0 = time.time()
-    s = runner.train(cfg, wd, verbose=args.verbose)
+    s = runner.train(cfg, wd, verbose=args.verbose).to_dict()
     wall = time.time() - t0
     if s.get("interrupted"):
         raise KeyboardInterrupt

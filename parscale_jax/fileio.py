@@ -4,10 +4,15 @@ Everything this project writes outside orbax's own checkpoint manager goes throu
 results JSON, config.yaml, the token cache, task files, saved models and Hugging Face exports.
 The data is written to a unique temporary sibling (same filesystem), then renamed into place
 with ``os.replace``; on any error the temporary is removed and the destination is untouched.
+
+A full disk (or quota) is one line, not a traceback: :func:`no_space` turns the ``OSError`` into
+a :class:`~parscale_jax.errors.RunFailed` naming the path and the free space; the writers here
+raise it themselves, and the training loop applies it to whatever else hits the limit.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -15,7 +20,66 @@ import tempfile
 import uuid
 from typing import IO, Any, Iterator
 
-from parscale_jax.errors import UserError
+from parscale_jax.errors import RunFailed, UserError
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+# ---- space -----------------------------------------------------------------------------------
+def free_bytes(path: str) -> int | None:
+    """Free bytes on the filesystem of ``path`` (its nearest existing ancestor); None if unknown."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def tree_bytes(path: str) -> int:
+    """Bytes of the files under ``path`` (0 if it is gone)."""
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.path.getsize(os.path.join(dirpath, f))
+    return total
+
+
+def fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "unknown"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def is_no_space(exc: BaseException) -> bool:
+    """An OSError of a full disk or quota, also when wrapped (``raise ... from``) by a library."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
+            return True
+        if "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def no_space(path: str, exc: BaseException | None = None, what: str = "writing") -> RunFailed:
+    """The one-line error of a full disk at ``path``."""
+    why = f" ({type(exc).__name__}: {_first_line(exc)})" if exc is not None else ""
+    return RunFailed(f"no space left {what} {path}{why}; {fmt_bytes(free_bytes(path))} free there: "
+                     f"free space (or choose another directory), then run the same command again")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]
 
 
 def _tmp_sibling(path: str) -> str:
@@ -35,9 +99,11 @@ def atomic_file(path: str, mode: str = "w", **open_kw: Any) -> Iterator[IO]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if is_no_space(e):
+            raise no_space(path, e) from None
         raise
 
 
@@ -68,7 +134,12 @@ def atomic_dir(path: str, replace: bool = False) -> Iterator[str]:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(path)}-", dir=parent)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as e:
+            if is_no_space(e):
+                raise no_space(path, e) from None
+            raise
         if os.path.exists(path):
             old = _tmp_sibling(path)
             os.replace(path, old)

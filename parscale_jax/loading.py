@@ -20,7 +20,9 @@ with) when it holds that set, otherwise the largest P it holds.
 ``tokenizer`` its ``model_config.json`` names, else the training run's ``data.tokenizer``; None
 means the byte tokenizer.
 
-Everything comes back as host numpy arrays, whatever mesh wrote them; NaN/Inf params are refused.
+Everything comes back as host numpy arrays, whatever mesh wrote them, checked before it is
+trusted: against the checksums saved with it (a damaged checkpoint is one line naming what is
+damaged and what to use instead), against the shapes its model config implies, and for NaN/Inf.
 """
 from __future__ import annotations
 
@@ -29,9 +31,12 @@ import json
 import os
 from typing import Any
 
+import jax
+
 from parscale_jax import hf
-from parscale_jax.checkpoint import (CKPT_DIR, COMMIT_MARKER, MODEL_CONFIG, complete_steps, read_json_item,
-                                     restore_numpy)
+from parscale_jax import model as M
+from parscale_jax.checkpoint import (CKPT_DIR, COMMIT_MARKER, MODEL_CONFIG, Damaged, complete_steps, read_step_meta,
+                                     verified_numpy)
 from parscale_jax.config import ModelConfig
 from parscale_jax.errors import UserError
 from parscale_jax.params import available_P, check_finite, is_multi, select_P
@@ -122,23 +127,52 @@ def _read_model_config(path: str) -> dict:
 
 
 # ---- reading ---------------------------------------------------------------------------------
+def _damaged(where: str, kind: str, why: str) -> UserError:
+    fix = "pass an earlier step (checkpoints/<step>), or resume the training run, which sets a damaged step aside" \
+        if kind in ("workdir", "step") else "restore it from a copy, or convert/save it again"
+    return UserError(f"checkpoint {where} is damaged ({why}): {fix}")
+
+
+def _check_shapes(where: str, cfg: ModelConfig, params: dict) -> None:
+    """The arrays have the shapes the saved model config implies (for every P the checkpoint holds)."""
+    for P in available_P(params):
+        want = M.abstract_params(M.make_model(cfg.replace(parscale_n=P)))
+        got = select_P(params, P)
+        want_s = {k: v.shape for k, v in _named(want).items()}
+        got_s = {k: tuple(v.shape) for k, v in _named(got).items()}
+        if want_s != got_s:
+            bad = sorted(set(want_s) ^ set(got_s)) or [k for k in want_s if want_s[k] != got_s[k]]
+            k = bad[0]
+            raise UserError(f"checkpoint {where}: its arrays do not match its model config at P={P} ({k}: "
+                            f"{got_s.get(k, 'missing')} in the files, {want_s.get(k, 'none')} by the config): the "
+                            f"config was edited or belongs to other weights; restore the matching config")
+
+
+def _named(tree: Any) -> dict[str, Any]:
+    return {"/".join(str(getattr(k, "key", k)) for k in p): v for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
 def read(path: str) -> Checkpoint:
     """Read a checkpoint of any kind once: its config, all its params (every P set) and metadata."""
     path = os.path.abspath(path)
     kind = kind_of(path)
     if kind == "hf":
         cfg, params = hf.load_hf(path)
+        _check_shapes(path, cfg, params)
         return Checkpoint(path, kind, cfg, params, {"source": {"format": "huggingface", "path": path}})
-    if kind in ("workdir", "step"):
-        step = step_dir(path)
-        meta = read_json_item(step, "meta")
-        cfg = ModelConfig.from_dict(meta["model"])
-        state = restore_numpy(os.path.join(step, "state"), keep=("params", "frozen"))
-        params = {**state.get("frozen", {}), **state["params"]}
-    else:
-        meta = _read_model_config(path)
-        cfg = ModelConfig.from_dict(meta["model"])
-        params = restore_numpy(os.path.join(path, "params"))
+    where = step_dir(path) if kind in ("workdir", "step") else path
+    try:
+        if kind in ("workdir", "step"):
+            meta = read_step_meta(where)
+            state = verified_numpy(os.path.join(where, "state"), meta, keep=("params", "frozen"))
+            params = {**state.get("frozen", {}), **state["params"]}
+        else:
+            meta = _read_model_config(path)
+            params = verified_numpy(os.path.join(path, "params"), meta)
+    except Damaged as e:
+        raise _damaged(where, kind, str(e)) from None
+    cfg = ModelConfig.from_dict(meta["model"])
+    _check_shapes(where, cfg, params)
     check_finite(params)
     return Checkpoint(path, kind, cfg, params, meta)
 
@@ -155,8 +189,8 @@ def run_config(path: str) -> dict | None:
     try:
         if kind_of(path) not in ("workdir", "step"):
             return None
-        meta = read_json_item(step_dir(path), "meta")
-    except UserError:
+        meta = read_step_meta(step_dir(path))
+    except (UserError, Damaged):
         return None
     cfg = meta.get("config") if isinstance(meta, dict) else None
     return cfg if isinstance(cfg, dict) else None

@@ -1,6 +1,7 @@
 """What the user sees: the one progress display (tqdm) for training, evaluation and generation;
 training metrics in ``workdir/metrics.jsonl`` and TensorBoard event files in ``workdir/tb``
-(only process 0 writes)."""
+(only process 0 writes). A run resumed from step s first drops the records past s (JSONL
+rewritten atomically; TensorBoard told to purge them), so every step is recorded once."""
 from __future__ import annotations
 
 import json
@@ -14,18 +15,49 @@ import numpy as np
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
+from parscale_jax.fileio import write_text
+
+
+def drop_records_after(path: str, step: int) -> int:
+    """Rewrite the JSONL at ``path`` without the records of steps past ``step`` (and a torn last
+    line); returns how many were dropped."""
+    if not os.path.isfile(path):
+        return 0
+    keep, dropped = [], 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+                ok = isinstance(rec, dict) and int(rec.get("step", 0)) <= step
+            except (ValueError, TypeError):
+                ok = False
+            if ok:
+                keep.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += 1
+    if dropped:
+        write_text(path, "".join(keep))
+    return dropped
+
 
 class MetricsWriter:
-    def __init__(self, workdir: str, enabled: bool = True):
+    """``metrics.jsonl`` and TensorBoard of a run; ``resume_step``: the run continues a checkpoint
+    of that step, so later records of an earlier attempt are dropped first."""
+
+    def __init__(self, workdir: str, enabled: bool = True, resume_step: int | None = None):
         self.enabled = enabled
         self._f = None
         self._tb = None
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
-        self._f = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+        path = os.path.join(workdir, "metrics.jsonl")
+        if resume_step is not None:
+            drop_records_after(path, resume_step)
+        self._f = open(path, "a", buffering=1)
         try:
-            self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+            purge = None if resume_step is None else resume_step + 1
+            self._tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=purge)
         except Exception as e:  # TensorBoard is a convenience; the JSONL is the record
             print(f"warning: TensorBoard logging disabled ({e})", file=sys.stderr)
 

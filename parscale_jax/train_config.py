@@ -10,6 +10,8 @@ a value of the wrong type is a :class:`UserError` naming the key.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from typing import Any, Mapping
@@ -30,6 +32,14 @@ def _bad(key: str, value: Any, why: str) -> UserError:
     return UserError(f"config key {key}={value!r} is invalid: {why}")
 
 
+def _finite(obj: Any, section: str) -> None:
+    """Every float field of a config section is a finite number."""
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise _bad(f"{section}{f.name}", v, "use a finite number")
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
     lr: float = 1e-3               # peak learning rate
@@ -45,6 +55,7 @@ class OptimConfig:
     grad_accum: int = 1            # micro-batches per step: the batch is split into grad_accum parts
 
     def __post_init__(self):
+        _finite(self, "optim.")
         if self.schedule not in SCHEDULES:
             raise _bad("optim.schedule", self.schedule, f"choose one of {', '.join(SCHEDULES)}")
         for k in ("lr", "eps"):
@@ -53,9 +64,12 @@ class OptimConfig:
         for k in ("weight_decay", "clip_norm", "warmup_steps"):
             if getattr(self, k) < 0:
                 raise _bad(f"optim.{k}", getattr(self, k), "use a number >= 0")
-        for k in ("decay_fraction", "min_lr_ratio", "b1", "b2"):
+        for k in ("decay_fraction", "min_lr_ratio"):
             if not 0 <= getattr(self, k) <= 1:
                 raise _bad(f"optim.{k}", getattr(self, k), "use a number in [0, 1]")
+        for k in ("b1", "b2"):
+            if not 0 <= getattr(self, k) < 1:
+                raise _bad(f"optim.{k}", getattr(self, k), "use a number in [0, 1) (Adam divides by 1 - beta^t)")
         if self.grad_accum < 1:
             raise _bad("optim.grad_accum", self.grad_accum, "use an integer >= 1")
 
@@ -133,8 +147,19 @@ class TrainConfig:
     add_to: str | None = None      # with freeze_backbone: add this P's set to that multi-P model checkpoint
     keep_data_position: bool = False  # with init_from: continue that run's data position
     peak_flops: float | None = None   # per-device peak FLOP/s for MFU (default: known accelerators; CPU: measured)
+    allow_changed: str | None = None  # on resume: keys (or sections) whose change from the checkpoint's config is accepted
 
     def __post_init__(self):
+        _finite(self, "")
+        allowed_changes(self.allow_changed)
+        if self.peak_flops is not None and not self.peak_flops > 0:
+            raise _bad("peak_flops", self.peak_flops, "use a positive number of FLOP/s per device, or null to measure")
+        if self.keep_data_position and not self.init_from:
+            raise UserError("keep_data_position=true needs init_from (the run whose data position to continue): "
+                            "set init_from or drop keep_data_position")
+        if self.freeze_backbone and self.model.parscale_n == 1:
+            raise UserError("freeze_backbone=true with model.parscale_n=1 leaves nothing to train: "
+                            "set model.parscale_n > 1")
         if self.steps < 1:
             raise _bad("steps", self.steps, "use an integer >= 1")
         if self.batch_size < 1:
@@ -167,6 +192,20 @@ class TrainConfig:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def allowed_changes(spec: str | None) -> tuple[str, ...]:
+    """The keys or sections ``allow_changed`` names (comma- or space-separated); unknown names are an error."""
+    names = tuple(n for n in re.split(r"[,\s]+", spec or "") if n)
+    if not names:
+        return names
+    keys = {k for k, _, _ in all_keys()}
+    sections = {k.split(".")[0] for k in keys if "." in k}
+    bad = [n for n in names if n not in keys and n not in sections]
+    if bad:
+        raise UserError(f"allow_changed names unknown config key(s) {', '.join(bad)}: name keys such as optim.lr "
+                        f"or steps, or a section such as optim (see docs/config.md)")
+    return names
 
 
 # ---- loading -----------------------------------------------------------------------------
@@ -210,10 +249,13 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             if isinstance(value, str):
                 try:
-                    return float(value)
+                    value = float(value)
                 except ValueError:
-                    pass
-            raise _bad(key, value, "use a number")
+                    raise _bad(key, value, "use a number") from None
+            else:
+                raise _bad(key, value, "use a number")
+        if not math.isfinite(float(value)):
+            raise _bad(key, value, "use a finite number")
         return float(value)
     if typ is str:
         if isinstance(value, bool) or value is None:
@@ -329,6 +371,12 @@ def load(path: str | None, overrides: list[str] | None = None) -> TrainConfig:
         except FileNotFoundError:
             raise UserError(f"config file {path} does not exist: pass --config configs/NAME.yaml "
                             f"(see configs/)") from None
+        except IsADirectoryError:
+            raise UserError(f"config file {path} is a directory: pass --config a YAML file, e.g. "
+                            f"configs/tiny.yaml") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"config file {path} is not readable ({type(e).__name__}: {e}): pass a readable "
+                            f"YAML file") from None
         except yaml.YAMLError as e:
             first = str(e).splitlines()[0] if str(e) else "syntax error"
             raise UserError(f"config file {path} is not valid YAML ({first}): fix the file") from None
@@ -420,6 +468,7 @@ KEY_DOCS: dict[str, str] = {
     "add_to": "with freeze_backbone: add this run's P set to that multi-P model checkpoint",
     "keep_data_position": "with init_from: continue that run's data position instead of starting afresh",
     "peak_flops": "per-device peak FLOP/s for MFU (default: vendor bf16 peak, or a measured matmul rate on CPU)",
+    "allow_changed": "on resume: keys or sections (comma-separated, e.g. optim.lr,steps) whose change from the checkpoint's config is accepted; `train.py --allow-changed KEY ...` sets it",
 }
 
 

@@ -79,7 +79,8 @@ def make_train_step(model: M.ParScaleLM, tx: optax.GradientTransformation, grad_
     """``step(state, tokens [B, S+1]) -> (state, metrics)``; the loss is the mean next-token
     NLL over all B*S targets; with ``grad_accum`` = k the batch is processed as k micro-batches
     of B/k sequences whose gradient sums are added before one update (same result as one batch).
-    ``nan_policy="skip"`` keeps the old params/optimizer state when the loss or grads are not finite."""
+    ``nan_policy="skip"`` keeps the old params/optimizer state when the loss, the gradients or the
+    updated params are not finite (``metrics["finite"]``; ``metrics["params_finite"]`` tells the last apart)."""
 
     def summed_loss(trainable, frozen, tokens):
         return jnp.sum(sequence_nll(model, {**frozen, **trainable}, tokens))
@@ -106,16 +107,17 @@ def make_train_step(model: M.ParScaleLM, tx: optax.GradientTransformation, grad_
             (loss_sum, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro)
         loss = loss_sum / n_targets
         grads = jax.tree.map(lambda g: g / n_targets, grads)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], trainable)
         params = optax.apply_updates(trainable, updates)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        params_finite = jax.tree.reduce(jnp.logical_and, jax.tree.map(lambda p: jnp.all(jnp.isfinite(p)), params))
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & params_finite
         if nan_policy == "skip":
             keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
             params, opt_state = keep(params, trainable), keep(opt_state, state["opt_state"])
         rng = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"]))
         new = {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": rng}
-        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, "params_finite": params_finite}
         if lr_fn is not None:
             metrics["lr"] = lr_fn(state["step"])
         return new, metrics

@@ -9,13 +9,11 @@ A second run resumes/reuses finished runs in --out (delete it to start over).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
-from parscale_jax import loading, runner, train_config
-from parscale_jax import model as M
+from parscale_jax import runner, train_config
 from parscale_jax.errors import cli_entry
 from parscale_jax.fileio import write_json, write_text
 
@@ -46,24 +44,12 @@ def main(argv=None) -> int:
         workdir = os.path.join(args.out, f"P{P}")
         print(f"== training tiny at P={P}: {cfg.steps} steps x {cfg.batch_size} x {cfg.data.seq_len} tokens "
               f"-> {workdir}", file=sys.stderr, flush=True)
-        s = runner.train(cfg, workdir)
-        if s.get("interrupted"):
+        s = runner.train(cfg, workdir)  # a finished run is reused: its summary comes from its last checkpoint
+        if s.interrupted:
             return 130
-        if s.get("mean_tokens_per_s") is None or s.get("eval_loss") is None:  # a finished run reused
-            with open(os.path.join(workdir, "metrics.jsonl")) as f:
-                recs = [json.loads(x) for x in f]
-            s.setdefault("eval_loss", None)
-            for r in recs:
-                if r.get("mean_tokens_per_s"):
-                    s["mean_tokens_per_s"] = r["mean_tokens_per_s"]
-                if "eval_loss" in r:
-                    s["eval_loss"], s["eval_bpb"] = r["eval_loss"], r["eval_bpb"]
-        params = loading.load(workdir)[1]
-        rows.append({"P": P, "params": M.count_params(params),
-                     "non_embedding": M.count_params(params, non_embedding=True),
-                     "eval_loss": s["eval_loss"], "eval_bpb": s["eval_bpb"],
-                     "eval_tokens": s.get("eval_tokens"), "tokens": cfg.steps * cfg.batch_size * cfg.data.seq_len,
-                     "tokens_per_s": s.get("mean_tokens_per_s") or 0.0})
+        rows.append({"P": P, "params": s.params, "non_embedding": s.non_embedding_params,
+                     "eval_loss": s.eval_loss, "eval_bpb": s.eval_bpb, "eval_tokens": s.eval_tokens,
+                     "tokens": s.tokens, "tokens_per_s": s.mean_tokens_per_s or 0.0})
     md = table(rows)
     print("\n" + md)
     write_json(os.path.join(args.out, "results.json"),

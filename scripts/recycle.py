@@ -47,8 +47,7 @@ def main(argv=None) -> int:
     def run(workdir, *over):
         cfg = train_config.load(args.config, [*args.overrides, "eval_every=0", *over])
         print(f"== {os.path.basename(workdir)}: {' '.join(over)}", file=sys.stderr, flush=True)
-        s = runner.train(cfg, workdir)
-        if s.get("interrupted"):
+        if runner.train(cfg, workdir).interrupted:
             raise SystemExit(130)
         return cfg
 

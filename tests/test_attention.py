@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 
 from parscale_jax import attention as A
+from parscale_jax import hf
 from parscale_jax import model as M
+from parscale_jax.config import diff as config_diff
 from parscale_jax.config import preset
 from parscale_jax.errors import UserError
 
@@ -184,11 +186,9 @@ def test_cached_decoding_equals_recomputation(impl):
 
 def test_attention_impl_is_runtime_only():
     """Not in checkpoint metadata, Hugging Face exports or the resume check; no parameter."""
-    from parscale_jax import convert, runner
-
     a, b = preset("tiny", parscale_n=4), preset("tiny", parscale_n=4, attention_impl="xla")
     assert "attention_impl" not in a.to_dict() and a.to_dict() == b.to_dict()
-    assert runner.arch_diff(a, b) == []
-    assert "attention_impl" not in convert.hf_config_dict(b)
+    assert config_diff(a, b) == []
+    assert "attention_impl" not in hf.hf_config_dict(b)
     shapes = [jax.tree.map(lambda x: (x.shape, x.dtype), M.abstract_params(M.make_model(c))) for c in (a, b)]
     assert shapes[0] == shapes[1]

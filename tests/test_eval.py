@@ -243,21 +243,47 @@ def test_cli_loss_on_all_data_matches_reference(models, ckpt, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_cli_loss_default_split_is_the_pipelines_heldout(models, ckpt, tmp_path, capsys):
-    """One file: the pipeline holds out the last ceil(5%) of its tokens; eval scores exactly those."""
+def test_cli_loss_explicit_data_is_scored_whole_unless_heldout_is_asked(models, ckpt, tmp_path, capsys):
+    """An explicit --data: every token by default; with --split heldout, the pipeline's held-out part
+    of one file (its last ceil(5%) of tokens), exactly those."""
     src = tmp_path / "code.txt"
     src.write_text(TEXT)
     tokens = np.array(list(TEXT.encode()) + [EOS], np.int32)
     held = tokens[len(tokens) - math.ceil(0.05 * len(tokens)):]
     L, out = 33, tmp_path / "r.json"
-    rc, _, err = _run(capsys, "--checkpoint", ckpt, "--data", str(src), "--seq-len", str(L),
-                      "--batch-size", "8", "--output", str(out))
-    assert rc == 0, err
-    res = json.loads(out.read_text())
     _, model, params = models[4]
-    total, n_t, _ = ref_window_nll(model, params, held, L)
-    assert res["tokens"] == n_t > 0 and res["split"] == "heldout"
-    np.testing.assert_allclose(res["loss"], total / n_t, rtol=1e-5)
+    for split, want in ((None, tokens), ("heldout", held)):
+        rc, _, err = _run(capsys, "--checkpoint", ckpt, "--data", str(src), "--seq-len", str(L), "--batch-size", "8",
+                          "--output", str(out), *(["--split", split] if split else []))
+        assert rc == 0, err
+        res = json.loads(out.read_text())
+        total, n_t, _ = ref_window_nll(model, params, want, L)
+        assert res["tokens"] == n_t > 0 and res["split"] == (split or "all")
+        np.testing.assert_allclose(res["loss"], total / n_t, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_cli_npy_ids_checked_against_the_model_vocabulary(models, ckpt, tmp_path, capsys):
+    """Ids of a model whose vocabulary (384) is larger than the byte tokenizer's (259) are scored
+    without a tokenizer; bits per byte only once one is named; an id outside the model is one line."""
+    ids = np.random.default_rng(0).integers(0, 384, size=400).astype(np.int32)
+    assert ids.max() >= 259
+    np.save(tmp_path / "ids.npy", ids)
+    L, out = 33, tmp_path / "r.json"
+    _, model, params = models[4]
+    total, n_t, _ = ref_window_nll(model, params, np.concatenate([ids, [EOS]]).astype(np.int32), L)
+    for tok in (None, "bytes"):
+        rc, stdout, err = _run(capsys, "--checkpoint", ckpt, "--data", str(tmp_path / "ids.npy"), "--seq-len", str(L),
+                               "--output", str(out), *(["--tokenizer", tok] if tok else []))
+        assert rc == 0, err
+        res = json.loads(out.read_text())
+        assert res["tokens"] == n_t and res["split"] == "all"
+        np.testing.assert_allclose(res["loss"], total / n_t, rtol=1e-5)
+        assert (res["bits_per_byte"] is None) == (tok is None), res
+        assert ("tokenizer unknown" in stdout) == (tok is None), stdout
+    np.save(tmp_path / "bad.npy", np.asarray([1, 2, 384], np.int32))
+    rc, _, err = _run(capsys, "--checkpoint", ckpt, "--data", str(tmp_path / "bad.npy"), "--seq-len", "2")
+    assert rc == 2 and "token id 384 is outside the model's vocabulary [0, 384)" in err, err
 
 
 @pytest.mark.slow

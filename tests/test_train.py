@@ -679,7 +679,7 @@ def _mesh8(args: dict) -> None:
         cfg = train_config.load(None, [*COMMON, f"data.source={args['src']}", *mesh])
         wd = root / f"w8-{name}"
         summary = runner.train(cfg, str(wd), verbose=False)
-        out["runs"][name] = {"losses": summary["losses"], "workdir": str(wd), "devices": jax.device_count(),
+        out["runs"][name] = {"losses": summary.losses, "workdir": str(wd), "devices": jax.device_count(),
                              "mesh": dict(sharding.make_mesh(cfg.mesh).shape)}
     err = io.StringIO()
     with contextlib.redirect_stderr(err):

@@ -33,6 +33,12 @@ def run_data(args) -> dict:
     return args._run_data
 
 
+def tokenizer_known(args) -> bool:
+    """Whether the tokenizer is known (given, or recorded with the checkpoint or its training run)
+    rather than the byte tokenizer taken as a fallback."""
+    return bool(args.tokenizer or loading.tokenizer_of(args.checkpoint) or run_data(args).get("tokenizer"))
+
+
 def load_model(args):
     """(model, params on the device, cfg, tokenizer, tokenizer spec) for the checkpoint at the requested P."""
     if not os.path.exists(args.checkpoint):

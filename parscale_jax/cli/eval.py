@@ -6,10 +6,12 @@
   generation      python eval.py generate --checkpoint PATH --prompt TEXT [--prompt-file F]
                                  [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p p] [--seed S]
 
-Loss: the token stream (by default the training pipeline's held-out split of --data) is cut
-into consecutive windows of L tokens, each scored on its L-1 next-token targets
-(``evaluate.heldout_loss``, the same function the training loop calls). Errors are one line
-(``error: ...``) with exit code 2.
+Loss: the token stream is cut into consecutive windows of L tokens, each scored on its L-1
+next-token targets (``evaluate.heldout_loss``, the same function the training loop calls). Which
+stream (``--split``): without ``--data``, the held-out split of the training run's data (or of
+stdlib), what the training loop evaluates; an explicit ``--data`` is scored whole unless
+``--split heldout`` is asked. ``.npy`` ids are checked against the model's vocabulary; bits per
+byte need a known tokenizer for them. Errors are one line (``error: ...``) with exit code 2.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import time
 from parscale_jax import data
 from parscale_jax import evaluate as E
 from parscale_jax.cli import generate
-from parscale_jax.cli.common import add_model_args, load_model, run_data
+from parscale_jax.cli.common import add_model_args, load_model, run_data, tokenizer_known
 from parscale_jax.errors import UserError, cli_entry
 from parscale_jax.fileio import write_json
 from parscale_jax.metrics import Progress
@@ -34,9 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--data", default=None,
                     help="'stdlib', or a text file / dir / glob, JSONL, .npy token ids (default: the training "
                          "run's data.source for a training checkpoint, else stdlib, the default corpus)")
-    ap.add_argument("--split", default="heldout", choices=["heldout", "all"],
-                    help="heldout (default): the training pipeline's held-out split of --data, what the "
-                         "training loop evaluates; all: every file of --data")
+    ap.add_argument("--split", default=None, choices=["heldout", "all"],
+                    help="heldout: the training pipeline's held-out split of the data, what the training loop "
+                         "evaluates; all: every file of it. Default: all when --data is given (an explicit "
+                         "--data is scored whole), heldout when it is not (the run's data, or stdlib)")
     ap.add_argument("--heldout-fraction", type=float, default=None,
                     help="data.heldout_fraction of the split (default: the training run's, else 0.05)")
     ap.add_argument("--format", default=None, choices=["auto", "text", "jsonl", "npy"],
@@ -71,6 +74,8 @@ def _data_defaults(args) -> list[str]:
                 setattr(args, name, default)
 
     same_source = args.data is None or args.data == run.get("source")
+    if args.split is None:
+        args.split = "heldout" if args.data is None else "all"
     pick("data", "source", None)
     pick("format", "format", "auto", same_source)
     pick("text_field", "text_field", "text", same_source)
@@ -91,14 +96,16 @@ def _check_args(args) -> None:
             raise UserError(f"task file {t} does not exist: pass --tasks a JSONL of context/choices/answer records")
 
 
-def _eval_tokens(args, source: str, spec: str, tok):
-    """The token stream to score: the training pipeline's held-out split of ``source`` (what the
-    training loop evaluates) or, with --split all, every file of it."""
+def _eval_tokens(args, source: str, spec: str, tok, vocab_size: int):
+    """(token stream, whether it holds .npy ids): the training pipeline's held-out split of ``source``
+    (what the training loop evaluates) or, with --split all, every file of it. Ids are checked
+    against the model's vocabulary."""
     dcfg = data.DataConfig(source=source, format=args.format, text_field=args.text_field, tokenizer=spec,
                            heldout_fraction=args.heldout_fraction)
+    ids = any(f.format == "npy" for f in data.list_files(dcfg))
     if args.split == "heldout":
-        return data.heldout_tokens(dcfg, tok)[0]
-    return data.all_tokens(dcfg, tok)[0]  # every unit, in the pipeline's order (each document + EOS)
+        return data.heldout_tokens(dcfg, tok, vocab_size)[0], ids
+    return data.all_tokens(dcfg, tok, vocab_size)[0], ids  # every unit, in the pipeline's order (each + EOS)
 
 
 def _loss(args, model, params, cfg, tok, spec, taken) -> tuple[dict, list[tuple[str, str]]]:
@@ -108,7 +115,8 @@ def _loss(args, model, params, cfg, tok, spec, taken) -> tuple[dict, list[tuple[
     source = args.data or "stdlib"
     if taken:
         print(f"data: from the training run's config: {', '.join(taken)}", file=sys.stderr)
-    tokens = _eval_tokens(args, source, spec, tok)
+    tokens, ids = _eval_tokens(args, source, spec, tok, cfg.vocab_size)
+    bpb_tok = tok if tokenizer_known(args) or not ids else None  # ids to bytes need the right tokenizer
     if len(tokens) < args.seq_len:
         raise UserError(f"the {args.split} data of {source} has {len(tokens)} tokens, fewer than one window "
                         f"of --seq-len {args.seq_len}: give more data or a smaller --seq-len")
@@ -117,14 +125,15 @@ def _loss(args, model, params, cfg, tok, spec, taken) -> tuple[dict, list[tuple[
         n_win = min(n_win, args.max_windows)
     print(f"loss: {n_win} windows of {args.seq_len} tokens, batch {args.batch_size}", file=sys.stderr)
     t0 = time.perf_counter()
-    res = E.heldout_loss(model, params, tokens, args.seq_len, args.batch_size, args.max_windows, tokenizer=tok)
+    res = E.heldout_loss(model, params, tokens, args.seq_len, args.batch_size, args.max_windows, tokenizer=bpb_tok)
     dt = time.perf_counter() - t0
     bpb = res["bits_per_byte"]
     out = dict(loss=res["loss"], perplexity=res["perplexity"], bits_per_byte=bpb, tokens=res["tokens"],
                windows=res["windows"], bytes=res["bytes"], seq_len=args.seq_len, data=source,
                split=args.split, seconds=dt)
     rows = [("loss (nats/token)", f"{res['loss']:.4f}"), ("perplexity", f"{res['perplexity']:.3f}"),
-            ("bits per byte", "n/a" if bpb is None else f"{bpb:.4f}"),
+            ("bits per byte", f"{bpb:.4f}" if bpb is not None else
+             "n/a (token ids, tokenizer unknown: pass --tokenizer)" if bpb_tok is None else "n/a"),
             ("tokens scored", f"{res['tokens']} ({res['windows']} windows of {args.seq_len})"),
             ("tokens/s", f"{res['tokens'] / max(dt, 1e-9):.0f} (incl. compile)")]
     return out, rows

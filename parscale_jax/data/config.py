@@ -29,8 +29,8 @@ class DataConfig:
             bad("source", "give 'stdlib' or a file, directory or glob")
         if self.format not in FORMATS:
             bad("format", f"use one of {', '.join(FORMATS)}")
-        if not isinstance(self.seq_len, int) or self.seq_len < 1:
-            bad("seq_len", "use a positive integer")
+        if not isinstance(self.seq_len, int) or self.seq_len < 2:
+            bad("seq_len", "use an integer >= 2 (a sequence needs an input and a next-token target)")
         if not isinstance(self.heldout_fraction, (int, float)) or not 0.0 <= self.heldout_fraction <= 1.0:
             bad("heldout_fraction", "use a fraction in [0, 1] (1 holds everything out: evaluation only)")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:

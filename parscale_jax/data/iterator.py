@@ -2,10 +2,17 @@
 
 The iterator state is the index of the next global batch (plus what it depends on), so it is a
 small JSON dict that survives a change of process count, worker count or prefetch depth.
+
+Grain's worker processes (``data.worker_count``) die with the trainer: each watches its parent
+and exits when it is gone, also after a kill -9 that leaves no chance to close them (grain 0.2.18
+offers no such option of its own; its ``worker_init_fn`` starts the watch).
 """
 from __future__ import annotations
 
 import numbers
+import os
+import threading
+import time
 from typing import Any, Iterator
 
 import numpy as np
@@ -17,6 +24,19 @@ from parscale_jax.data.tokens import TokenStream, _split_streams
 from parscale_jax.errors import UserError
 
 _STATE_VERSION = 1
+
+
+def _exit_with_parent(worker_index: int = 0, worker_count: int = 1, poll_s: float = 0.25) -> None:
+    """In a worker process: a daemon thread that ends the process once its parent is gone (it is
+    then re-parented, so ``getppid`` changes). Picklable by reference for grain's ``worker_init_fn``."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parscale-exit-with-parent", daemon=True).start()
 
 
 class _LocalRows:
@@ -72,7 +92,8 @@ class DataIterator:
             if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags: their defaults
                 flags.FLAGS.mark_as_parsed()
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-                num_workers=self.cfg.worker_count, per_worker_buffer_size=max(1, self.cfg.prefetch)))
+                num_workers=self.cfg.worker_count, per_worker_buffer_size=max(1, self.cfg.prefetch)),
+                worker_init_fn=_exit_with_parent)
         self._it = iter(ds)
         self._next_batch = next_batch
 

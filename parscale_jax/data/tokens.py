@@ -197,19 +197,25 @@ def _doc_bytes(d: bytes | str) -> int:
     return len(d) if isinstance(d, (bytes, bytearray)) else len(_utf8(d))
 
 
-def _check_ids(seg: "_Npy", tok: Tokenizer, chunk: int = 1 << 24) -> None:
-    """Every id of a .npy file in [0, vocab_size): read once, in chunks, when the stream is built
-    (a bad id would otherwise index past the embedding silently, or fail hours into a run)."""
+def _check_ids(seg: "_Npy", tok: Tokenizer, vocab_size: int | None = None, chunk: int = 1 << 24) -> None:
+    """Every id of a .npy file in [0, limit): read once, in chunks, when the stream is built (a bad id
+    would otherwise index past the embedding silently, or fail hours into a run). The limit is
+    ``vocab_size`` when given (a model's vocabulary: evaluation), else the tokenizer's (training)."""
+    limit = vocab_size or tok.vocab_size
     for lo in range(0, len(seg), chunk):
         a = seg.read(lo, lo + chunk)
         lo_id, hi_id = int(a.min()), int(a.max())
-        if lo_id < 0 or hi_id >= tok.vocab_size:
-            bad = hi_id if hi_id >= tok.vocab_size else lo_id
-            raise UserError(f"{seg.path}: token id {bad} is outside the tokenizer's vocabulary [0, {tok.vocab_size}) "
+        if lo_id < 0 or hi_id >= limit:
+            bad = hi_id if hi_id >= limit else lo_id
+            if vocab_size:
+                raise UserError(f"{seg.path}: token id {bad} is outside the model's vocabulary [0, {limit}): "
+                                f"these ids were made for another model")
+            raise UserError(f"{seg.path}: token id {bad} is outside the tokenizer's vocabulary [0, {limit}) "
                             f"(data.tokenizer={tok.name}): set data.tokenizer to the tokenizer that made these ids")
 
 
-def _stream(units: Sequence[_Unit], tok: Tokenizer, with_bytes: bool = False) -> tuple[TokenStream, int, int]:
+def _stream(units: Sequence[_Unit], tok: Tokenizer, with_bytes: bool = False,
+            vocab_size: int | None = None) -> tuple[TokenStream, int, int]:
     """(stream of the units in order, every document followed by EOS; source bytes; documents).
 
     Empty documents are skipped. Text is tokenised in one go per run of text units; .npy files
@@ -217,7 +223,7 @@ def _stream(units: Sequence[_Unit], tok: Tokenizer, with_bytes: bool = False) ->
     counts the text bytes of .npy ids through the tokenizer (reads them); text units always
     count their source bytes (tokenizer-independent, for bits per byte).
     """
-    dtype = _token_dtype(tok.vocab_size)
+    dtype = _token_dtype(max(tok.vocab_size, vocab_size or 0))
     eos = _Array(np.asarray([tok.eos_id], dtype))
     segs: list[_Array | _Npy] = []
     pending: list[bytes | str] = []
@@ -232,7 +238,7 @@ def _stream(units: Sequence[_Unit], tok: Tokenizer, with_bytes: bool = False) ->
         if u.file.format == "npy":
             flush()
             seg = _Npy(u.file.path)
-            _check_ids(seg, tok)
+            _check_ids(seg, tok, vocab_size)
             if len(seg):
                 segs += [seg, eos]
                 n_docs += 1
@@ -248,16 +254,16 @@ def _stream(units: Sequence[_Unit], tok: Tokenizer, with_bytes: bool = False) ->
     return TokenStream(segs), n_bytes, n_docs
 
 
-def _split_streams(cfg: DataConfig, tok: Tokenizer, which: str,
-                   with_bytes: bool = False) -> tuple[TokenStream, int, int, int]:
+def _split_streams(cfg: DataConfig, tok: Tokenizer, which: str, with_bytes: bool = False,
+                   vocab_size: int | None = None) -> tuple[TokenStream, int, int, int]:
     """(stream, bytes, documents, units) of ``which`` in {"train", "heldout"}. Bytes of text units
     are always counted; bytes of .npy ids (and of a token-level split) only ``with_bytes``."""
     s = split_units(cfg)
     if not s.by_tokens:
         units = s.train if which == "train" else s.heldout
-        stream, n_bytes, n_docs = _stream(units, tok, with_bytes=with_bytes)
+        stream, n_bytes, n_docs = _stream(units, tok, with_bytes=with_bytes, vocab_size=vocab_size)
         return stream, n_bytes, n_docs, len(units)
-    full, _, n_docs = _stream(s.train, tok)
+    full, _, n_docs = _stream(s.train, tok, vocab_size=vocab_size)
     n = len(full)
     n_held = min(n, max(1, math.ceil(cfg.heldout_fraction * n)))
     part = full.slice(0, n - n_held) if which == "train" else full.slice(n - n_held, n)
@@ -265,24 +271,25 @@ def _split_streams(cfg: DataConfig, tok: Tokenizer, which: str,
     return part, n_bytes, n_docs, len(s.train)
 
 
-def heldout_tokens(cfg: DataConfig, tokenizer: Tokenizer) -> tuple[np.ndarray, int]:
+def heldout_tokens(cfg: DataConfig, tokenizer: Tokenizer, vocab_size: int | None = None) -> tuple[np.ndarray, int]:
     """(1-D int32 held-out token stream, documents in relative-path order each followed by EOS;
     number of UTF-8 bytes of text it encodes). Bits per byte over the whole stream:
     ``bpb = loss_nats * n_targets / (ln 2 * n_bytes)``; when only part of the stream is scored,
-    count that part's bytes with ``tokenizer.count_bytes(scored_ids)``."""
+    count that part's bytes with ``tokenizer.count_bytes(scored_ids)``. ``vocab_size``: check
+    ``.npy`` ids against a model's vocabulary instead of the tokenizer's."""
     if cfg.heldout_fraction <= 0:
         raise UserError("data.heldout_fraction is 0, so there is no held-out data: set it above 0 "
                         "(e.g. 0.05) or evaluate on another source")
-    stream, n_bytes, _, _ = _split_streams(cfg, tokenizer, "heldout", with_bytes=True)
+    stream, n_bytes, _, _ = _split_streams(cfg, tokenizer, "heldout", with_bytes=True, vocab_size=vocab_size)
     if len(stream) == 0:
         raise UserError(f"the held-out split of {cfg.source} is empty: add data or raise data.heldout_fraction")
     return stream.read(0, len(stream)), int(n_bytes)
 
 
-def all_tokens(cfg: DataConfig, tokenizer: Tokenizer) -> tuple[np.ndarray, int]:
+def all_tokens(cfg: DataConfig, tokenizer: Tokenizer, vocab_size: int | None = None) -> tuple[np.ndarray, int]:
     """Like :func:`heldout_tokens` for every unit of the source, whatever the split: (1-D int32
     stream of all documents in relative-path order, each followed by EOS; text bytes it encodes)."""
-    stream, n_bytes, _ = _stream(_units(cfg), tokenizer, with_bytes=True)
+    stream, n_bytes, _ = _stream(_units(cfg), tokenizer, with_bytes=True, vocab_size=vocab_size)
     if len(stream) == 0:
         raise UserError(f"data source {cfg.source} holds no text or token ids: add data or point to another source")
     return stream.read(0, len(stream)), int(n_bytes)
