@@ -33,8 +33,9 @@ Writes ``bench/results/decode.{json,md,png}`` and ``decode_measured.json`` (the 
 ``--floor`` measures where ParScale's latency claim applies: the paper-0.5b backbone (2.0 GiB of
 float32 weights, far beyond the CPU caches) with a 384-token vocabulary, decoding at batch 1
 (P = 1, 2, 4, 8), P=1 at batch 8 (the rows of P=8), and the scanned, stacked layer layout. Beside
-them, in the same round-robin, a plain jitted chain of ``x @ W`` over the same weight arrays; and
-the memory floor of each row: (params + KV cache bytes) / read bandwidth. One process; writes
+them, in the same round-robin, a plain jitted chain of ``x @ W`` over the same weight arrays, on 1
+row and on 8 rows (what the matmuls alone need for P=8's rows); and the memory floor of each
+row: (params + KV cache bytes) / read bandwidth. One process; writes
 ``bench/results/decode_floor.{json,md}``.
 """
 from __future__ import annotations
@@ -172,30 +173,34 @@ FLOOR_PRESET = "paper-0.5b"  # 36 layers, H=896, I=4864, 16/2 heads: 2.0 GiB of 
 
 
 def chain_program(layers: list[dict], rows: int, chunk: int):
-    """jit: ``chunk`` steps of a plain matmul chain over the decoder's weights (the same arrays):
-    per layer x @ Wq, x @ Wk, x @ Wv, (x @ Wq) @ Wo, x @ Wgate, x @ Wup, (silu * up) @ Wdown
-    on ``rows`` rows, each layer's output feeding the next (with an RMS normalisation)."""
+    """jit: ``chunk`` steps of a plain matmul chain over the decoder's weights (the same arrays,
+    passed as arguments): per layer x @ Wq, x @ Wk, x @ Wv, (x @ Wq) @ Wo, x @ Wgate, x @ Wup,
+    (silu * up) @ Wdown on ``rows`` rows, each layer's output feeding the next (with an RMS
+    normalisation). Returns the timed call."""
     import jax
     import jax.numpy as jnp
 
-    def step(x, _):
-        for p in layers:
-            at, mlp = p["attn"], p["mlp"]
+    weights = [{"q": p["attn"]["q"]["kernel"], "k": p["attn"]["k"]["kernel"], "v": p["attn"]["v"]["kernel"],
+                "o": p["attn"]["o"]["kernel"], "gate": p["mlp"]["gate"]["kernel"], "up": p["mlp"]["up"]["kernel"],
+                "down": p["mlp"]["down"]["kernel"]} for p in layers]
+
+    def step(ws, x):
+        for w in ws:
             H = x.shape[-1]
-            q = x @ at["q"]["kernel"].reshape(H, -1)
-            k, v = x @ at["k"]["kernel"].reshape(H, -1), x @ at["v"]["kernel"].reshape(H, -1)
-            x = x + q @ at["o"]["kernel"].reshape(-1, H) + jnp.sum(k) + jnp.sum(v)
+            q = x @ w["q"].reshape(H, -1)
+            k, v = x @ w["k"].reshape(H, -1), x @ w["v"].reshape(H, -1)
+            x = x + q @ w["o"].reshape(-1, H) + jnp.sum(k) + jnp.sum(v)
             x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
-            x = x + (jax.nn.silu(x @ mlp["gate"]["kernel"]) * (x @ mlp["up"]["kernel"])) @ mlp["down"]["kernel"]
+            x = x + (jax.nn.silu(x @ w["gate"]) * (x @ w["up"])) @ w["down"]
             x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
-        return x, x[:, 0]
+        return x
 
     @jax.jit
-    def run(x):
-        return jax.lax.scan(step, x, None, length=chunk)
+    def run(ws, x):
+        return jax.lax.scan(lambda x, _: (step(ws, x), x[:, 0]), x, None, length=chunk)
 
-    H = layers[0]["mlp"]["gate"]["kernel"].shape[0]
-    return run, jnp.ones((rows, H), jnp.float32)
+    x = jnp.ones((rows, weights[0]["gate"].shape[0]), jnp.float32)
+    return lambda: jax.block_until_ready(run(weights, x))
 
 
 def floor_setup(P: int, batch: int, layout: str, base: dict, chunk: int):
@@ -267,11 +272,12 @@ def floor_measure(args) -> tuple[list[dict], float]:
         runs.append(dict(model=label, P=P, batch=b, layout=layout, bytes=nbytes, _fn=fn, times=[]))
         B.log(f"ready: {label} ({nbytes / 2**30:.2f} GiB of params + cache)")
     layers = _floor_layers(base, cfg.num_hidden_layers)
-    run, x = chain_program(layers, 1, args.chunk)
     chain_bytes = sum(int(a.nbytes) for p in layers for n in ("attn", "mlp") for a in jax.tree.leaves(p[n])
                       if a.ndim > 1)
-    runs.append(dict(model="matmul chain, 1 row", P=None, batch=1, layout="per-layer arrays", bytes=chain_bytes,
-                     _fn=lambda: jax.block_until_ready(run(x)), times=[]))
+    for rows in (8, 1):  # the 1-row chain last: the reference of the "x chain" column
+        runs.append(dict(model=f"matmul chain, {rows} row{'s' * (rows > 1)}", P=None, batch=rows,
+                         layout="per-layer arrays", bytes=chain_bytes, _fn=chain_program(layers, rows, args.chunk),
+                         times=[]))
     for r in runs:
         r["_fn"]()  # warm-up
     for i in range(args.repeats):  # round-robin: every row under the same load
@@ -310,7 +316,8 @@ def floor_main(args) -> int:
     md = [f"Backbone `{FLOOR_PRESET}` (36 layers, H=896, I=4864, 16/2 heads, T=48) with a 384-token vocabulary, "
           f"float32; the project's compiled decode chunk ({args.chunk} greedy steps after a {PROMPT}-token prompt; "
           f"the generator's layout unless the row says otherwise), and a plain jitted chain of `x @ W` over the same "
-          f"weight arrays (attention and MLP, 1 row, {args.chunk} steps per call). Median of {args.repeats} rounds, "
+          f"weight arrays (attention and MLP, 1 and 8 rows, {args.chunk} steps per call; 'x chain' is over the "
+          f"1-row chain). Median of {args.repeats} rounds, "
           f"round-robin over the rows. Memory floor = bytes of params + KV cache (the chain: its weights) / "
           f"read bandwidth ({bw / 1e9:.1f} GB/s, jit sum over 2 GiB).",
           B.md_table(["decoding", "ms/token", "x chain", "params + cache GiB", "floor ms", "x memory floor",
