@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/decode.py            # batch 1..64 x (P in 1 2 4 8, and the dense model of P=8's loss)
     .venv/bin/python bench/decode.py --quick    # smoke run (a small backbone, batch 1 2, P in 1 2)
+    .venv/bin/python bench/decode.py --floor    # paper-0.5b backbone at batch 1: x a matmul chain, x memory floor
 
 The paper's inference-cost comparison, measured instead of modelled. One backbone (float32,
 byte vocabulary) at P in {1, 2, 4, 8}, and a dense P=1 model that the parallel scaling law
@@ -28,6 +29,14 @@ Generate-call latency for the cost model = prefill + 63 x per-token latency (64 
 tokens). The records go to ``scaling cost --measured`` (with the measured CPU peak and memory
 bandwidth) and to ``scaling.inference_cost`` with float32 byte sizes.
 Writes ``bench/results/decode.{json,md,png}`` and ``decode_measured.json`` (the cost records).
+
+``--floor`` measures where ParScale's latency claim applies: the paper-0.5b backbone (2.0 GiB of
+float32 weights, far beyond the CPU caches) with a 384-token vocabulary, decoding at batch 1
+(P = 1, 2, 4, 8), P=1 at batch 8 (the rows of P=8), and the scanned, stacked layer layout. Beside
+them, in the same round-robin, a plain jitted chain of ``x @ W`` over the same weight arrays, on 1
+row and on 8 rows (what the matmuls alone need for P=8's rows); and the memory floor of each
+row: (params + KV cache bytes) / read bandwidth. One process; writes
+``bench/results/decode_floor.{json,md}``.
 """
 from __future__ import annotations
 
@@ -159,6 +168,170 @@ def run_child(spec: dict, timeout: int) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+# ---- --floor: batch-1 decoding where it is bound by reading the weights ------------------------
+FLOOR_PRESET = "paper-0.5b"  # 36 layers, H=896, I=4864, 16/2 heads: 2.0 GiB of float32 weights
+
+
+def chain_program(layers: list[dict], rows: int, chunk: int):
+    """jit: ``chunk`` steps of a plain matmul chain over the decoder's weights (the same arrays,
+    passed as arguments): per layer x @ Wq, x @ Wk, x @ Wv, (x @ Wq) @ Wo, x @ Wgate, x @ Wup,
+    (silu * up) @ Wdown on ``rows`` rows, each layer's output feeding the next (with an RMS
+    normalisation). Returns the timed call."""
+    import jax
+    import jax.numpy as jnp
+
+    weights = [{"q": p["attn"]["q"]["kernel"], "k": p["attn"]["k"]["kernel"], "v": p["attn"]["v"]["kernel"],
+                "o": p["attn"]["o"]["kernel"], "gate": p["mlp"]["gate"]["kernel"], "up": p["mlp"]["up"]["kernel"],
+                "down": p["mlp"]["down"]["kernel"]} for p in layers]
+
+    def step(ws, x):
+        for w in ws:
+            H = x.shape[-1]
+            q = x @ w["q"].reshape(H, -1)
+            k, v = x @ w["k"].reshape(H, -1), x @ w["v"].reshape(H, -1)
+            x = x + q @ w["o"].reshape(-1, H) + jnp.sum(k) + jnp.sum(v)
+            x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
+            x = x + (jax.nn.silu(x @ w["gate"]) * (x @ w["up"])) @ w["down"]
+            x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
+        return x
+
+    @jax.jit
+    def run(ws, x):
+        return jax.lax.scan(lambda x, _: (step(ws, x), x[:, 0]), x, None, length=chunk)
+
+    x = jnp.ones((rows, weights[0]["gate"].shape[0]), jnp.float32)
+    return lambda: jax.block_until_ready(run(weights, x))
+
+
+def floor_setup(P: int, batch: int, layout: str, base: dict, chunk: int):
+    """The project's decode chunk for the floor backbone at P streams and ``batch`` rows, after a
+    prefilled prompt: (timed call, bytes of params + KV cache). ``base`` holds the shared arrays:
+    the stacked params at the largest P and, for the generator's layout, its per-layer copy
+    (:func:`decode.decoding_layout`); prefix and gate of another P are initialised fresh."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from parscale_jax import decode as D
+    from parscale_jax import model as M
+    from parscale_jax.config import preset
+
+    model = M.make_model(preset(FLOOR_PRESET, vocab_size=384, parscale_n=P), "float32")
+    params = {"backbone": base["per_layer" if layout == "generator" else "stacked"]["backbone"]}
+    if P == base["P"]:
+        params.update({g: a for g, a in base["stacked"].items() if g != "backbone"})
+    elif P > 1:  # the small groups only (a backbone is allocated and dropped)
+        params.update({g: a for g, a in M.init_params(model, jax.random.PRNGKey(P)).items() if g != "backbone"})
+    if layout == "generator":
+        model, params = D.decoding_layout(model, params)  # params are per-layer already: no copy
+    max_len = PROMPT + chunk + 1
+    cache = jax.jit(lambda p: M.init_cache(model, p, batch, max_len))(params)
+    prompt = jnp.asarray(np.random.default_rng(0).integers(0, 256, (batch, PROMPT)), jnp.int32)
+    logits, cache = D.make_prefill(model)(params, cache, prompt, jnp.ones(prompt.shape, bool))
+    args = (params, cache, jnp.argmax(logits, -1).astype(jnp.int32), jnp.zeros((batch,), bool),
+            jax.random.PRNGKey(0), jnp.int32(1), D.Sampling().astuple(), jnp.int32(-1))
+    fn = D.make_decode_chunk(model, 256, chunk).lower(*args).compile()
+    nbytes = sum(a.nbytes for a in jax.tree.leaves(params)) + cache["k"].nbytes + cache["v"].nbytes
+    return (lambda: jax.block_until_ready(fn(*args))), int(nbytes)
+
+
+def _floor_layers(base: dict, n_layers: int) -> list[dict]:
+    """The decoder's per-layer weight trees (shared with the generator layout when it is measured)."""
+    import jax
+
+    if "per_layer" in base:
+        dec = base["per_layer"]["backbone"]["decoder"]
+        return [dec[f"layers_{i}"] for i in range(n_layers)]
+    stacked = base["stacked"]["backbone"]["decoder"]["layers"]
+    return [jax.tree.map(lambda a: a[i], stacked) for i in range(n_layers)]
+
+
+def floor_measure(args) -> tuple[list[dict], float]:
+    """Set up every floor row and the matmul chain, time them round-robin; (rows, bandwidth)."""
+    import jax
+    import numpy as np
+
+    from parscale_jax import model as M
+    from parscale_jax.config import preset
+
+    specs = []
+    for r in args.floor_rows:  # "PxB" or "PxB:stacked"
+        shape, _, layout = r.partition(":")
+        P, b = (int(x) for x in shape.split("x"))
+        specs.append((P, b, layout or "generator"))
+    bw = measure_bandwidth(2 * 2**30)  # about the weights' size, far beyond the caches
+    Pmax = max(P for P, _, _ in specs)
+    cfg = preset(FLOOR_PRESET, vocab_size=384, parscale_n=Pmax)
+    base = {"P": Pmax, "stacked": M.init_params(M.make_model(cfg, "float32"), jax.random.PRNGKey(0))}
+    if any(layout == "generator" for _, _, layout in specs):
+        base["per_layer"] = M.unstack_layers(base["stacked"])
+    runs = []
+    for P, b, layout in specs:
+        fn, nbytes = floor_setup(P, b, layout, base, args.chunk)
+        label = f"P={P}, batch {b}" + (", stacked layers (lax.scan)" if layout == "stacked" else "")
+        runs.append(dict(model=label, P=P, batch=b, layout=layout, bytes=nbytes, _fn=fn, times=[]))
+        B.log(f"ready: {label} ({nbytes / 2**30:.2f} GiB of params + cache)")
+    layers = _floor_layers(base, cfg.num_hidden_layers)
+    chain_bytes = sum(int(a.nbytes) for p in layers for n in ("attn", "mlp") for a in jax.tree.leaves(p[n])
+                      if a.ndim > 1)
+    for rows in (8, 1):  # the 1-row chain last: the reference of the "x chain" column
+        runs.append(dict(model=f"matmul chain, {rows} row{'s' * (rows > 1)}", P=None, batch=rows,
+                         layout="per-layer arrays", bytes=chain_bytes, _fn=chain_program(layers, rows, args.chunk),
+                         times=[]))
+    for r in runs:
+        r["_fn"]()  # warm-up
+    for i in range(args.repeats):  # round-robin: every row under the same load
+        for r in runs:
+            t = time.perf_counter()
+            r["_fn"]()
+            r["times"].append((time.perf_counter() - t) / args.chunk)
+        B.log(f"round {i + 1}/{args.repeats}")
+    for r in runs:
+        del r["_fn"]
+        r["per_token_s"] = float(np.median(r["times"]))
+        r["floor_s"] = r["bytes"] / bw
+    return runs, bw
+
+
+def floor_main(args) -> int:
+    """``--floor``: the paper-0.5b backbone (vocabulary 384, float32) decoding at batch 1."""
+    env0 = B.environment()
+    runs, bw = floor_measure(args)
+    by = {(r["P"], r["batch"], r["layout"]): r for r in runs}
+    chain = runs[-1]["per_token_s"]
+    table = [[r["model"], f"{r['per_token_s'] * 1e3:.1f}", f"{r['per_token_s'] / chain:.2f}",
+              f"{r['bytes'] / 2**30:.2f}", f"{r['floor_s'] * 1e3:.1f}", f"{r['per_token_s'] / r['floor_s']:.2f}",
+              f"{r['bytes'] / r['per_token_s'] / 1e9:.1f}"] for r in runs]
+    goals = []
+    p1, p1b8, p8 = (by.get(k) for k in ((1, 1, "generator"), (1, 8, "generator"), (8, 1, "generator")))
+    if p1:
+        x = p1["per_token_s"] / chain
+        goals.append(f"P=1 batch 1 within 1.5x the matmul chain: **{'met' if x <= 1.5 else 'NOT met'}** ({x:.2f}x).")
+    if p8 and p1b8:
+        x = p8["per_token_s"] / p1b8["per_token_s"]
+        goals.append(f"P=8 batch 1 within 1.15x P=1 batch 8 (the same rows): **{'met' if x <= 1.15 else 'NOT met'}** "
+                     f"({x:.2f}x).")
+    if p8 and p1:
+        goals.append(f"P=8 / P=1 at batch 1: **{p8['per_token_s'] / p1['per_token_s']:.2f}x**.")
+    md = [f"Backbone `{FLOOR_PRESET}` (36 layers, H=896, I=4864, 16/2 heads, T=48) with a 384-token vocabulary, "
+          f"float32; the project's compiled decode chunk ({args.chunk} greedy steps after a {PROMPT}-token prompt; "
+          f"the generator's layout unless the row says otherwise), and a plain jitted chain of `x @ W` over the same "
+          f"weight arrays (attention and MLP, 1 and 8 rows, {args.chunk} steps per call; 'x chain' is over the "
+          f"1-row chain). Median of {args.repeats} rounds, "
+          f"round-robin over the rows. Memory floor = bytes of params + KV cache (the chain: its weights) / "
+          f"read bandwidth ({bw / 1e9:.1f} GB/s, jit sum over 2 GiB).",
+          B.md_table(["decoding", "ms/token", "x chain", "params + cache GiB", "floor ms", "x memory floor",
+                      "GB/s"], table),
+          "\n".join(f"- {g}" for g in goals)]
+    env = B.environment()
+    env["load_average_at_start"] = env0["load_average_1_5_15"]
+    B.write_results(args.name or "decode_floor", {"rows": runs, "bandwidth": bw, "chunk": args.chunk,
+                                                  "repeats": args.repeats, "env": env},
+                    "\n\n".join(md), "Batch-1 decoding at the memory floor (CPU)", args.out)
+    print("\n\n".join(md))
+    return 0
+
+
 # ---- parent --------------------------------------------------------------------------------
 def dense_config(base: dict, n_p: int, k: float, P: int):
     """The dense (P=1) config whose non-embedding count is N_P (k ln P + 1), whole head dims."""
@@ -233,11 +406,17 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per child (one batch size)")
     ap.add_argument("--out", default=B.RESULTS)
     ap.add_argument("--name", default=None)
+    ap.add_argument("--floor", action="store_true",
+                    help="batch-1 decoding of the paper-0.5b backbone vs a matmul chain and the memory floor")
+    ap.add_argument("--floor-rows", nargs="+", default=["1x1", "1x8", "2x1", "4x1", "8x1", "1x1:stacked"],
+                    help="--floor: PxBATCH, ':stacked' for the scanned, stacked layer layout")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return 0
+    if args.floor:
+        return floor_main(args)
     base = dict(BASE)
     if args.quick:
         base, args.batch, args.P, args.chunk, args.repeats = dict(QUICK_BASE), [1, 2], [1, 2], 4, 2

@@ -18,7 +18,9 @@ forward logits are compared first (max abs difference, a sanity check). Both flo
   past_key_values=..., use_cache=True)`` one token at a time, under ``torch.no_grad``.
 
 Timed calls go round-robin over every (implementation, backbone, P) after a warm-up, medians
-reported; ratios are torch time / JAX time (> 1: JAX faster).
+reported; ratios are torch time / JAX time (> 1: JAX faster). A jitted 2048^3 matmul (JAX and
+torch) in the same round-robin gives the machine's dense float32 matmul rate, against which each
+training step's model FLOP rate is reported (what bounds a step on this CPU).
 Writes ``bench/results/vs_torch.{json,md,png}``.
 """
 from __future__ import annotations
@@ -30,6 +32,7 @@ import time
 
 import _common as B  # bench/ is the folder of the running script, so its helpers import directly
 
+from parscale_jax import flops as F
 from parscale_jax.errors import UserError, cli_entry
 
 BACKBONES = B.BACKBONES
@@ -222,6 +225,25 @@ def mlp_component(cfg, batch, seq, repeats):
     return {k: {"s": float(np.median(v)), "gflops": flops / float(np.median(v)) / 1e9} for k, v in out.items()}
 
 
+PEAK_N = 2048
+
+
+def matmul_peaks() -> dict:
+    """The machine's dense float32 matmul rate, measured in the same round-robin: one jitted
+    2048^3 matmul in JAX and the same in torch (its thread setting), warmed up."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    a, t = jnp.ones((PEAK_N, PEAK_N), jnp.float32), torch.ones(PEAK_N, PEAK_N)
+    mm = jax.jit(lambda x: x @ x)
+    fns = {"jax": lambda: jax.block_until_ready(mm(a)), "torch": lambda: t @ t}
+    for fn in fns.values():
+        fn()
+        fn()
+    return fns
+
+
 def plot(rows, path: str) -> None:
     import matplotlib
 
@@ -315,7 +337,13 @@ def main(argv=None) -> int:
             B.log(f"ready {bb} P={P}: logits max |diff| vs JAX {c['logits_maxdiff']}, greedy tokens agree "
                   f"{c['decode_tokens_agree']}, first divergence {c['decode_divergence']}")
             confs.append(c)
+    peak_fns, peak_t = matmul_peaks(), {"jax": [], "torch": []}
     for i in range(args.repeats):  # round-robin over everything
+        for k, fn in peak_fns.items():
+            time.sleep(0.1)
+            t = time.perf_counter()
+            fn()
+            peak_t[k].append(time.perf_counter() - t)
         for c in confs:
             for k, impl in c["impls"].items():
                 time.sleep(0.1)  # let the other library's spinning worker threads go idle
@@ -342,6 +370,7 @@ def main(argv=None) -> int:
                  decode_divergence=c["decode_divergence"],
                  times={k: {"train_s": v[0], "decode_token_s": v[1], "train_all": c["impls"][k]["train_t"],
                             "decode_all": c["impls"][k]["decode_t"]} for k, v in med.items()})
+        r["train_flops"] = F.train_flops_per_token(c["cfg"], c["seq_len"]) * c["batch"] * c["seq_len"]
         for k in ("torch_ref", "transformers"):
             if k in med:
                 r[f"train_speedup_vs_{k}"] = med[k][0] / med["jax"][0]
@@ -361,7 +390,27 @@ def main(argv=None) -> int:
                       f"**{r['decode_speedup_vs_torch_ref']:.2f}**", f"{hf['decode_token_s'] * 1e3:.2f}" if hf else "—",
                       f"{r['decode_speedup_vs_transformers']:.2f}" if hf else "—",
                       ", ".join(f"{k} {v:.1e}" for k, v in r["logits_maxdiff"].items())])
-    sp = [r["train_speedup_vs_torch_ref"] for r in rows]
+    peak = {k: 2 * PEAK_N ** 3 / float(np.median(v)) for k, v in peak_t.items()}
+    best = max(peak.values())
+    rate_rows = []
+    for r in rows:
+        t, fl = r["times"], r["train_flops"]
+        rates = {k: fl / v["train_s"] / 1e9 for k, v in t.items()}
+        r["train_gflops"] = rates
+        rate_rows.append([r["backbone"], r["P"], f"{fl / 1e9:.1f}"] + [
+            f"{rates[k]:.0f} ({rates[k] * 1e9 / best:.0%})" if k in rates else "—"
+            for k in ("jax", "torch_ref", "transformers")] + [f"{fl / best * 1e3:.1f}"])
+    goals = []
+    for r in rows:
+        for k, want, what in (("transformers", 1.5, "transformers' Qwen2ForCausalLM"), ("torch_ref", 1.5, "the PyTorch reference")):
+            if (r["backbone"], r["P"], k) not in (("small", 1, "transformers"), ("small", 4, "torch_ref")):
+                continue
+            got = r[f"train_speedup_vs_{k}"]
+            need_s = r["times"][k]["train_s"] / want
+            goals.append(f"Goal: the training step at small, P={r['P']}, at least {want}x faster than {what}: "
+                         f"**{'met' if got >= want else 'NOT met'}** ({got:.2f}x). It needs a JAX step of "
+                         f"{need_s * 1e3:.0f} ms = {r['train_flops'] / need_s / 1e9:.0f} GFLOP/s, "
+                         f"{r['train_flops'] / need_s / best:.0%} of the measured matmul peak.")
     shapes = "; ".join(f"{bb}: H={preset('tiny', **BACKBONES[bb][0]).hidden_size}, "
                        f"I={preset('tiny', **BACKBONES[bb][0]).intermediate_size}, "
                        f"L={preset('tiny', **BACKBONES[bb][0]).num_hidden_layers}, "
@@ -388,8 +437,13 @@ def main(argv=None) -> int:
                          f"{v['torch']['gflops']:.0f}", f"{v['jax']['s'] and v['torch']['s'] / v['jax']['s']:.2f}",
                          f"{v['jax_2d_dx']['s'] * 1e3:.1f}", f"{v['jax_3d_dx']['s'] * 1e3:.1f}"]
                         for bb, v in components.items()]),
-          f"Goal 'JAX >= 2x faster than the PyTorch reference for a training step': "
-          f"**{'met' if min(sp) >= 2 else 'NOT met'}** (ref/JAX {min(sp):.2f}x-{max(sp):.2f}x).",
+          f"Training-step FLOP rate: model FLOPs per step (`flops.train_flops_per_token` x tokens: 3 x the forward's "
+          f"matmuls and attention) / step time, and its fraction of the machine's dense float32 matmul rate measured "
+          f"in the same round-robin ({PEAK_N}^3: JAX {peak['jax'] / 1e9:.0f} GFLOP/s, torch {peak['torch'] / 1e9:.0f} "
+          f"GFLOP/s; the fraction is of the larger):\n\n"
+          + B.md_table(["backbone", "P", "GFLOP/step", "JAX GFLOP/s", "torch ref GFLOP/s", "transformers GFLOP/s",
+                        "step at the peak (ms)"], rate_rows),
+          "\n".join(f"- {g}" for g in goals),
           "Sanity: greedy decoded tokens agreeing with JAX's (fraction; where the paths part, the step and JAX's "
           "top-1 minus top-2 logit there: a near-tie of the random-init model, where float32 rounding decides): "
           + "; ".join(f"{r['backbone']} P={r['P']}: " + ", ".join(
@@ -401,7 +455,7 @@ def main(argv=None) -> int:
     plot(rows, os.path.join(args.out, f"{name}.png"))
     env = B.environment(("torch", "transformers"))
     env["load_average_at_start"] = env0["load_average_1_5_15"]
-    B.write_results(name, {"rows": rows, "mlp_component": components, "settings": {"backbones": {b: BACKBONES[b] for b in args.backbones},
+    B.write_results(name, {"rows": rows, "mlp_component": components, "matmul_peak_flops": peak, "settings": {"backbones": {b: BACKBONES[b] for b in args.backbones},
                                                       "P": args.P, "repeats": args.repeats, "threads": args.threads,
                                                       "decode_batch": args.decode_batch, "chunk": args.chunk,
                                                       "optimizer": {"lr": LR, "betas": BETAS, "eps": EPS,

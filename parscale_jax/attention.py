@@ -134,33 +134,38 @@ def _unblocked(x: Array, axis: int) -> Array:
     return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2:])
 
 
+def _rows(x: Array) -> Array:
+    """[B, nKV, bq, G, X] -> [B, nKV, bq*G, X]: a block's queries (grouped heads) as one matrix."""
+    return x.reshape(x.shape[:2] + (x.shape[2] * x.shape[3],) + x.shape[4:])
+
+
 def chunked(q: Array, k: Array, v: Array, q_pos: Array, kv_pos: Array, q_seg: Array, kv_seg: Array,
             scale: float, block: int = BLOCK) -> Array:
     """Blockwise attention; shapes as :func:`masked_attention`. Grouped heads are kept grouped
-    (no repeat of the KV heads)."""
+    (no repeat of the KV heads). Inside, heads lead: queries [B, nKV, Sq, G, hd], keys/values
+    [B, nKV, Skv, hd], so every score-sized product is a plain batched matrix product of
+    [bq*G, hd] and [bk, hd] blocks and no score-sized array is ever transposed (on XLA:CPU a
+    transposed operand is a copy)."""
     B, Sq, nH, hd = q.shape
     Skv, nKV = k.shape[1], k.shape[2]
     bq, bk = min(block, Sq), min(block, Skv)
     Sq_p, Skv_p = _round_up(Sq, bq), _round_up(Skv, bk)
     # padded queries see nothing (an all-masked row gives 0); padded keys are seen by nobody
-    qg = _pad_to(q.reshape(B, Sq, nKV, nH // nKV, hd), Sq_p, 1, 0)
-    k, v = _pad_to(k, Skv_p, 1, 0), _pad_to(v, Skv_p, 1, 0)
+    qg = jnp.transpose(_pad_to(q.reshape(B, Sq, nKV, nH // nKV, hd), Sq_p, 1, 0), (0, 2, 1, 3, 4))
+    k, v = (jnp.swapaxes(_pad_to(x, Skv_p, 1, 0), 1, 2) for x in (k, v))
     q_pos, kv_pos = _pad_to(q_pos.astype(jnp.int32), Sq_p, 0, -2 ** 30), _pad_to(kv_pos.astype(jnp.int32), Skv_p, 0, 2 ** 30)
     q_seg, kv_seg = _pad_to(q_seg.astype(jnp.int32), Sq_p, 1, -2), _pad_to(kv_seg.astype(jnp.int32), Skv_p, 1, -1)
     out = _flash(qg, k, v, q_pos, kv_pos, q_seg, kv_seg, float(scale), bq, bk)
-    return out[:, :Sq].reshape(B, Sq, nH, hd)
-
-
-def _allowed(qp, kp, qs, ks):
-    """[B, 1, 1, bq, bk]: which keys of a block each query of a block sees."""
-    ok = (kp[None, None, :] <= qp[None, :, None]) & (ks[:, None, :] == qs[:, :, None])
-    return ok[:, None, None]
+    return jnp.transpose(out, (0, 2, 1, 3, 4))[:, :Sq].reshape(B, Sq, nH, hd)
 
 
 def _scores(qb, kb, qp, kp, qs, ks, scale):
-    """Masked scores [B, nKV, G, bq, bk] in float32 (-inf where not allowed)."""
-    s = jnp.einsum("bqkgd,bskd->bkgqs", qb, kb, preferred_element_type=jnp.float32) * scale
-    return jnp.where(_allowed(qp, kp, qs, ks), s, -jnp.inf)
+    """Masked scores [B, nKV, bq, G, bk] in float32 (-inf where not allowed) of a query block
+    qb [B, nKV, bq, G, hd] and a key block kb [B, nKV, bk, hd]."""
+    B, nKV, bq, G, _ = qb.shape
+    s = jnp.einsum("bkmd,bksd->bkms", _rows(qb), kb, preferred_element_type=jnp.float32) * scale
+    ok = (kp[None, None, :] <= qp[None, :, None]) & (ks[:, None, :] == qs[:, :, None])  # [B, bq, bk]
+    return jnp.where(ok[:, None, :, None, :], s.reshape(B, nKV, bq, G, -1), -jnp.inf)
 
 
 def _needed(q_pos_b: Array, kv_pos_b: Array) -> Array:
@@ -169,15 +174,14 @@ def _needed(q_pos_b: Array, kv_pos_b: Array) -> Array:
 
 
 def _flash_forward(qg, k, v, q_pos, kv_pos, q_seg, kv_seg, scale, bq, bk):
-    nq, nk = qg.shape[1] // bq, k.shape[1] // bk
-    kb, vb = _blocked(k, nk, 1), _blocked(v, nk, 1)
+    nq, nk = qg.shape[2] // bq, k.shape[2] // bk
+    kb, vb = _blocked(k, nk, 2), _blocked(v, nk, 2)
     kpb, ksb = _blocked(kv_pos, nk, 0), _blocked(kv_seg, nk, 1)
     qpb = _blocked(q_pos, nq, 0)
     need = _needed(qpb, kpb)
 
     def q_block(xs):
         qb, qp, qs, need_row = xs
-        B, _, nKV, G, hd = qb.shape
 
         def kv_step(carry, ys):
             def compute(c):
@@ -187,21 +191,21 @@ def _flash_forward(qg, k, v, q_pos, kv_pos, q_seg, kv_seg, scale, bq, bk):
                 m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
                 p = jnp.exp(s - m_safe[..., None])
                 alpha = jnp.exp(m - m_safe)
-                pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32)
-                return m_new, l * alpha + jnp.sum(p, axis=-1), acc * alpha[..., None] + pv
+                pv = jnp.einsum("bkms,bksd->bkmd", _rows(p.astype(vj.dtype)), vj, preferred_element_type=jnp.float32)
+                return m_new, l * alpha + jnp.sum(p, axis=-1), acc * alpha[..., None] + pv.reshape(acc.shape)
 
             kj, vj, kp, ks, nd = ys
             return jax.lax.cond(nd, compute, lambda c: c, carry), None
 
-        init = (jnp.full((B, nKV, G, bq), -jnp.inf, jnp.float32), jnp.zeros((B, nKV, G, bq), jnp.float32),
-                jnp.zeros((B, nKV, G, bq, hd), jnp.float32))
+        init = (jnp.full(qb.shape[:-1], -jnp.inf, jnp.float32), jnp.zeros(qb.shape[:-1], jnp.float32),
+                jnp.zeros(qb.shape, jnp.float32))
         (m, l, acc), _ = jax.lax.scan(kv_step, init, (kb, vb, kpb, ksb, need_row))
         out = acc / jnp.where(l > 0, l, 1.0)[..., None]
         lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), jnp.inf)  # inf: the row sees nothing
-        return jnp.einsum("bkgqd->bqkgd", out).astype(qg.dtype), lse
+        return out.astype(qg.dtype), lse
 
-    out, lse = jax.lax.map(q_block, (_blocked(qg, nq, 1), qpb, _blocked(q_seg, nq, 1), need))
-    return _unblocked(out, 1), lse  # lse stays blocked: [nq, B, nKV, G, bq]
+    out, lse = jax.lax.map(q_block, (_blocked(qg, nq, 2), qpb, _blocked(q_seg, nq, 1), need))
+    return _unblocked(out, 2), lse  # lse stays blocked: [nq, B, nKV, bq, G]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
@@ -216,45 +220,39 @@ def _flash_fwd(qg, k, v, q_pos, kv_pos, q_seg, kv_seg, scale, bq, bk):
 
 def _flash_bwd(scale, bq, bk, res, dout):
     """ds = p * (dO.v - D) with D = sum(dO * O); dq = ds k, dk = ds^T q, dv = p^T dO (times
-    scale for dq/dk). Two passes: dq per query block, then dk/dv per key block."""
+    scale for dq/dk). One pass: for each key block, over the query blocks, p and ds are
+    recomputed once and feed all three (dk and dv as [hd, bk] products, so that p and ds are
+    used in their own layout); dq accumulates across key blocks."""
     qg, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse = res
-    nq, nk = qg.shape[1] // bq, k.shape[1] // bk
-    D = jnp.einsum("bqkgd,bqkgd->bkgq", dout.astype(jnp.float32), out.astype(jnp.float32))
-    qb, dob, Db = _blocked(qg, nq, 1), _blocked(dout, nq, 1), _blocked(D, nq, 3)
+    nq, nk = qg.shape[2] // bq, k.shape[2] // bk
+    D = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, nKV, Sq, G]
+    qb, dob, Db = _blocked(qg, nq, 2), _blocked(dout, nq, 2), _blocked(D, nq, 2)
     qpb, qsb = _blocked(q_pos, nq, 0), _blocked(q_seg, nq, 1)
-    kb, vb = _blocked(k, nk, 1), _blocked(v, nk, 1)
+    kb, vb = _blocked(k, nk, 2), _blocked(v, nk, 2)
     kpb, ksb = _blocked(kv_pos, nk, 0), _blocked(kv_seg, nk, 1)
     need = _needed(qpb, kpb)
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
 
-    def probs(i, j):
-        """p and ds of query block i with key block j, [B, nKV, G, bq, bk] float32."""
-        s = _scores(qb[i], kb[j], qpb[i], kpb[j], qsb[i], ksb[j], scale)
-        p = jnp.exp(s - lse[i][..., None])
-        dp = jnp.einsum("bqkgd,bskd->bkgqs", dob[i], vb[j], preferred_element_type=jnp.float32)
-        return p, p * (dp - Db[i][..., None])
+    def kv_block(dq, j):
+        def step(carry, i):
+            def upd(c):
+                dq, dk, dv = c
+                p = jnp.exp(_scores(qb[i], kb[j], qpb[i], kpb[j], qsb[i], ksb[j], scale) - lse[i][..., None])
+                dp = jnp.einsum("bkmd,bksd->bkms", _rows(dob[i]), vb[j], preferred_element_type=jnp.float32)
+                ds = _rows(p * (dp.reshape(p.shape) - Db[i][..., None]))
+                dv = dv + jnp.einsum("bkmd,bkms->bkds", f32(_rows(dob[i])), _rows(p))
+                dk = dk + jnp.einsum("bkmd,bkms->bkds", f32(_rows(qb[i])), ds)
+                return dq.at[i].add(jnp.einsum("bkms,bksd->bkmd", ds, f32(kb[j])).reshape(qb.shape[1:])), dk, dv
 
-    def dq_block(i):
-        def step(acc, j):
-            upd = lambda a: a + jnp.einsum("bkgqs,bskd->bqkgd", probs(i, j)[1], kb[j].astype(jnp.float32))  # noqa: E731
-            return jax.lax.cond(need[i, j], upd, lambda a: a, acc), None
-        acc, _ = jax.lax.scan(step, jnp.zeros(qb.shape[1:], jnp.float32), jnp.arange(nk))
-        return (acc * scale).astype(qg.dtype)
+            return jax.lax.cond(need[i, j], upd, lambda c: c, carry), None
 
-    def dkv_block(j):
-        def step(acc, i):
-            def upd(a):
-                p, ds = probs(i, j)
-                dk = jnp.einsum("bkgqs,bqkgd->bskd", ds, qb[i].astype(jnp.float32))
-                dv = jnp.einsum("bkgqs,bqkgd->bskd", p, dob[i].astype(jnp.float32))
-                return a[0] + dk, a[1] + dv
-            return jax.lax.cond(need[i, j], upd, lambda a: a, acc), None
-        zeros = jnp.zeros(kb.shape[1:], jnp.float32)
-        (dk, dv), _ = jax.lax.scan(step, (zeros, zeros), jnp.arange(nq))
-        return (dk * scale).astype(k.dtype), dv.astype(v.dtype)
+        zeros = jnp.zeros(jnp.swapaxes(kb[j], -1, -2).shape, jnp.float32)  # dk, dv as [B, nKV, hd, bk]
+        (dq, dk, dv), _ = jax.lax.scan(step, (dq, zeros, zeros), jnp.arange(nq))
+        return dq, (jnp.swapaxes(dk * scale, -1, -2).astype(k.dtype), jnp.swapaxes(dv, -1, -2).astype(v.dtype))
 
-    dq = _unblocked(jax.lax.map(dq_block, jnp.arange(nq)), 1)
-    dk, dv = jax.lax.map(dkv_block, jnp.arange(nk))
-    return dq, _unblocked(dk, 1), _unblocked(dv, 1), None, None, None, None
+    dq, (dk, dv) = jax.lax.scan(kv_block, jnp.zeros(qb.shape, jnp.float32), jnp.arange(nk))
+    dq = (_unblocked(dq, 2) * scale).astype(qg.dtype)
+    return dq, _unblocked(dk, 2), _unblocked(dv, 2), None, None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

@@ -93,6 +93,20 @@ def sample(logits: Array, key: Array, sampling: "Sampling | tuple") -> Array:
     return jnp.where(t > 0, drawn, greedy)
 
 
+# ---- the decoding layout -------------------------------------------------------------------
+def decoding_layout(model: Any, params: Any, platform: str | None = None) -> tuple[Any, Any]:
+    """(model, params) as the generator decodes with them. On CPU: the Python loop over layers
+    with one buffer per layer (:func:`model.unstack_layers`, a copy of the weights made once).
+    XLA:CPU copies a scanned layer's weights out of the stacked [L, ...] array before each
+    matmul; at batch 1, where a decode step is one pass over the weights, that write and second
+    read made the step 2.6x as slow as the matmuls alone (paper-0.5b backbone,
+    ``bench/decode.py --floor``). Elsewhere (TPU, GPU) the scanned, stacked layout is kept:
+    no second copy of the weights in accelerator memory."""
+    if (platform or jax.default_backend()).lower() != "cpu":
+        return model, params
+    return model.clone(scan_layers=False), M.unstack_layers(params)
+
+
 # ---- prefill and decode steps ------------------------------------------------------------
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Left-pad token lists to one length: (tokens [B, S] int32, mask [B, S] bool)."""
@@ -150,10 +164,13 @@ class Generator:
 
     ``generate(prompts, max_new_tokens, ...)`` returns the new tokens per row (EOS included,
     nothing after it) and calls ``on_chunk(tokens [B, k] np.int32)`` as chunks arrive.
+    On CPU the generator decodes from its own per-layer copy of the weights
+    (:func:`decoding_layout`): a caller that no longer needs ``params`` can drop them.
     """
 
     def __init__(self, model: Any, params: Any, eos_id: int | None, pad_id: int, chunk: int = 16,
                  cache_dtype: Any = None):
+        model, params = decoding_layout(model, params)
         self.model, self.params, self.cfg = model, params, model.cfg
         self.eos_id, self.pad_id, self.chunk = eos_id, pad_id, int(chunk)
         self.cache_dtype = cache_dtype

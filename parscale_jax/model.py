@@ -25,6 +25,7 @@ layer the T prefix entries come first, then the tokens.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -71,10 +72,15 @@ def _zeros(names: tuple[str, ...]):
 
 
 def _constrain(x: Array, names: tuple[str, ...]) -> Array:
-    return nn.with_logical_constraint(x, names)
+    """Logical sharding constraint; skipped for activations in the rows layout (no mesh)."""
+    return nn.with_logical_constraint(x, names) if x.ndim == len(names) else x
 
 
 # ---- building blocks ---------------------------------------------------------------------
+# Logical names of the activations in their [P, B, S, ...] layout (P = streams).
+_ACT = ("activation_stream", "activation_batch", "activation_length")
+
+
 class RMSNorm(nn.Module):
     """y = x * rsqrt(mean(x^2) + eps) in float32, cast back to x's dtype, times the weight."""
 
@@ -91,7 +97,7 @@ class RMSNorm(nn.Module):
 
 
 def rotary(x: Array, positions: Array, theta: float) -> Array:
-    """Rotary embedding, "rotate half" convention. x [B, S, N, hd], positions [B, S]."""
+    """Rotary embedding, "rotate half" convention. x [..., B, S, N, hd], positions [B, S]."""
     hd = x.shape[-1]
     inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))  # [hd/2]
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, S, hd/2]
@@ -102,16 +108,35 @@ def rotary(x: Array, positions: Array, theta: float) -> Array:
     return (xf * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
 
 
+def rows_layout() -> bool:
+    """Whether the decoder carries its activations as one [P*B*S, H] matrix (streams, batch and
+    sequence merged into rows): whenever no mesh of several devices is active. The dense layers
+    then see 2-D inputs, and their weight gradients are plain [rows, in]^T [rows, out] products
+    (on XLA:CPU a dot contracting several dims runs through a transposed copy of its operand).
+    On a mesh the activations keep their [P, B, S, H] layout and logical axis names: merging a
+    sharded batch dim with the stream dim into rows is not a tiling GSPMD can express."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh.empty or math.prod(mesh.shape.values()) == 1
+
+
 class Attention(nn.Module):
-    """Grouped-query attention with per-stream prefix keys/values and an optional KV cache."""
+    """Grouped-query attention with per-stream prefix keys/values and an optional KV cache.
+
+    ``x``: [P*B*S, H] rows or [P, B, S, H] (see :func:`rows_layout`); returns the same layout.
+    ``prefix_kv``: this layer's (k, v) [P, nKV, T, hd] or None. ``cache``: the whole cache (k, v)
+    [P, L, B, T + max_len, nKV, hd] or None; this call's keys/values are written into layer
+    ``layer``'s slots in place and the updated cache is returned.
+    """
 
     cfg: ModelConfig
     dtype: Any
+    stream_axis: str | None = None
 
     @nn.compact
-    def __call__(self, x, positions, ctx, prefix_kv, cache_kv):
+    def __call__(self, x, ctx, prefix_kv, cache, layer):
         cfg, hd = self.cfg, self.cfg.hd
         nH, nKV, std = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.initializer_range
+        P, (B, S) = cfg.parscale_n, ctx["positions"].shape
         dense = functools.partial(nn.DenseGeneral, dtype=self.dtype, param_dtype=jnp.float32)
         q = dense((nH, hd), use_bias=True, name="q", kernel_init=_init(std, ("embed", "heads", "head_dim")),
                   bias_init=_zeros(("heads", "head_dim")))(x)
@@ -119,32 +144,34 @@ class Attention(nn.Module):
                   bias_init=_zeros(("kv_heads", "head_dim")))(x)
         v = dense((nKV, hd), use_bias=True, name="v", kernel_init=_init(std, ("embed", "kv_heads", "head_dim")),
                   bias_init=_zeros(("kv_heads", "head_dim")))(x)
-        q = _constrain(rotary(q, positions, cfg.rope_theta),
-                       ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
-        kv_names = ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim")
-        k = _constrain(rotary(k, positions, cfg.rope_theta), kv_names)
+        q, k, v = (a.reshape((P, B, S) + a.shape[-2:]) for a in (q, k, v))
+        heads = _ACT + ("activation_heads", "activation_head_dim")
+        kv_names = _ACT + ("activation_kv_heads", "activation_head_dim")
+        q = _constrain(rotary(q, ctx["positions"], cfg.rope_theta), heads)
+        k = _constrain(rotary(k, ctx["positions"], cfg.rope_theta), kv_names)
         v = _constrain(v, kv_names)
-
-        new_cache = None
-        if cache_kv is not None:
+        impl = cfg.attention_impl
+        if cache is None:
+            prefix = None  # [P, nKV, T, hd] -> [P, T, nKV, hd], not rotated
+            if prefix_kv is not None:
+                prefix = tuple(jnp.swapaxes(a, 1, 2).astype(self.dtype) for a in prefix_kv)
+            attend = lambda q, k, v, pre: A.self_attention(q, k, v, pre, ctx["segments"], impl)  # noqa: E731
+            out = jax.vmap(attend, spmd_axis_name=self.stream_axis)(q, k, v, prefix)
+        else:
             # Cache slots: [T prefix entries | tokens]; this call's tokens go after the
             # `cache_index` tokens already there. The prefix entries were written by init_cache.
-            ck, cv = cache_kv
-            start = (0, cfg.prefix_len + ctx["cache_index"], 0, 0)
-            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
-            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
-            new_cache = (ck, cv)
-            out = A.masked_attention(q, ck.astype(self.dtype), cv.astype(self.dtype), ctx["q_pos"], ctx["kv_pos"],
-                                     ctx["segments"], ctx["kv_segments"], cfg.attention_impl)
-        else:
-            prefix = None
-            if prefix_kv is not None:  # [nKV, T, hd] -> [T, nKV, hd], not rotated
-                prefix = tuple(jnp.swapaxes(a, 0, 1).astype(self.dtype) for a in prefix_kv)
-            out = A.self_attention(q, k, v, prefix, ctx["segments"], cfg.attention_impl)
-        out = _constrain(out, ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
+            start = (0, layer, 0, cfg.prefix_len + ctx["cache_index"], 0, 0)
+            cache = tuple(jax.lax.dynamic_update_slice(c, a[:, None].astype(c.dtype), start) for c, a in zip(cache, (k, v)))
+            ck, cv = (jax.lax.dynamic_index_in_dim(c, layer, axis=1, keepdims=False).astype(self.dtype) for c in cache)
+            attend = lambda q, k, v: A.masked_attention(q, k, v, ctx["q_pos"], ctx["kv_pos"], ctx["segments"],  # noqa: E731
+                                                        ctx["kv_segments"], impl)
+            out = jax.vmap(attend, spmd_axis_name=self.stream_axis)(q, ck, cv)
+        out = _constrain(out, heads)
+        if x.ndim == 2:
+            out = out.reshape(P * B * S, nH, hd)
         out = dense(cfg.hidden_size, axis=(-2, -1), use_bias=False, name="o",
                     kernel_init=_init(std, ("heads", "head_dim", "embed")))(out)
-        return out, new_cache
+        return out, cache
 
 
 class MLP(nn.Module):
@@ -159,82 +186,109 @@ class MLP(nn.Module):
         dense = functools.partial(nn.DenseGeneral, dtype=self.dtype, param_dtype=jnp.float32, use_bias=False)
         gate = dense(cfg.intermediate_size, name="gate", kernel_init=_init(std, ("embed", "mlp")))(x)
         up = dense(cfg.intermediate_size, name="up", kernel_init=_init(std, ("embed", "mlp")))(x)
-        h = _constrain(nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
+        h = _constrain(nn.silu(gate) * up, _ACT + ("activation_mlp",))
         return dense(cfg.hidden_size, name="down", kernel_init=_init(std, ("mlp", "embed")))(h)
 
 
 class DecoderLayer(nn.Module):
-    """x = x + Attn(RMSNorm(x)); x = x + MLP(RMSNorm(x)). Scanned over layers: (carry, xs) -> (carry, ys)."""
+    """x = x + Attn(RMSNorm(x)); x = x + MLP(RMSNorm(x)). Scanned over layers:
+    ((x, cache), (prefix, layer index)) -> ((x, cache), None)."""
 
     cfg: ModelConfig
     dtype: Any
+    stream_axis: str | None = None
 
     @nn.compact
-    def __call__(self, x, layer_in, ctx):
+    def __call__(self, carry, layer_in, ctx):
         cfg = self.cfg
-        attn_out, new_cache = Attention(cfg, self.dtype, name="attn")(
-            RMSNorm(cfg.rms_norm_eps, self.dtype, name="input_norm")(x),
-            ctx["positions"], ctx, layer_in["prefix"], layer_in["cache"])
+        x, cache = carry
+        prefix, layer = layer_in
+        attn_out, cache = Attention(cfg, self.dtype, self.stream_axis, name="attn")(
+            RMSNorm(cfg.rms_norm_eps, self.dtype, name="input_norm")(x), ctx, prefix, cache, layer)
         x = x + attn_out
         x = x + MLP(cfg, self.dtype, name="mlp")(RMSNorm(cfg.rms_norm_eps, self.dtype, name="post_attn_norm")(x))
-        x = _constrain(x, ("activation_batch", "activation_length", "activation_embed"))
-        return x, new_cache
+        return (_constrain(x, _ACT + ("activation_embed",)), cache), None
+
+
+def layer_params(decoder_params: dict, n_layers: int) -> list[dict]:
+    """The decoder's params as one tree per layer: split from the stacked ``layers`` [L, ...]
+    (one ``lax.split`` per leaf; its gradient is one concatenate), or the ``layers_{i}`` trees
+    of :func:`unstack_layers`."""
+    if "layers" not in decoder_params:
+        return [decoder_params[f"layers_{i}"] for i in range(n_layers)]
+    leaves, tree = jax.tree.flatten(decoder_params["layers"])
+    parts = [jnp.split(a, n_layers, axis=0) for a in leaves]
+    return [jax.tree.unflatten(tree, [p[i][0] for p in parts]) for i in range(n_layers)]
 
 
 class Decoder(nn.Module):
-    """All L layers for one stream, stacked with nn.scan (params get a leading `layers` axis)."""
+    """All L layers over all streams. Params are stacked on a leading ``layers`` axis (nn.scan).
+
+    ``scan_layers``: one ``lax.scan`` over the stacked params (compile time flat in depth).
+    Otherwise a Python loop over per-layer params (:func:`layer_params`): each layer's weights
+    are their own buffers, so no layer reads its weights through a dynamic slice (XLA:CPU
+    copies such a slice before a matmul) and no residual is written into a stacked buffer.
+    """
 
     cfg: ModelConfig
     dtype: Any
     remat: str = "none"
-    scan_unroll: int | bool = 1
+    scan_layers: bool = True
+    stream_axis: str | None = None
 
     @nn.compact
-    def __call__(self, x, stream_in, ctx):
+    def __call__(self, x, prefix, cache, ctx):
+        cfg, L = self.cfg, self.cfg.num_hidden_layers
         layer_cls = DecoderLayer
         if self.remat != "none":
             layer_cls = nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-        stack = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                        in_axes=(0, nn.broadcast), length=self.cfg.num_hidden_layers,
-                        unroll=self.scan_unroll, metadata_params={nn.PARTITION_NAME: "layers"})
-        return stack(self.cfg, self.dtype, name="layers")(x, stream_in, ctx)
+        if self.scan_layers or self.is_initializing():
+            stack = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                            in_axes=(0, nn.broadcast), length=L, metadata_params={nn.PARTITION_NAME: "layers"})
+            (x, cache), _ = stack(cfg, self.dtype, self.stream_axis, name="layers")(
+                (x, cache), (prefix, jnp.arange(L)), ctx)
+            return x, cache
+        layer = layer_cls(cfg, self.dtype, self.stream_axis, parent=None)
+        for i, p in enumerate(layer_params(self.variables["params"], L)):
+            pre = None if prefix is None else tuple(a[i] for a in prefix)
+            (x, cache), _ = layer.apply({"params": p}, (x, cache), (pre, i), ctx)
+        return x, cache
 
 
 class Backbone(nn.Module):
-    """Embedding, the shared decoder (vmapped over streams), the final norm and the LM head."""
+    """Embedding, the shared decoder over all streams, the final norm and the LM head."""
 
     cfg: ModelConfig
     dtype: Any
     remat: str = "none"
-    scan_unroll: int | bool = 1
+    scan_layers: bool = True
     stream_mesh_axis: str | None = None
 
     def setup(self):
         cfg = self.cfg
         self.embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=jnp.float32,
                               embedding_init=_init(cfg.initializer_range, ("vocab", "embed")))
-        # Streams: the backbone's params are broadcast (variable_axes None), the per-stream
-        # inputs (prefix, cache) are mapped over their leading axis, the embedded tokens are shared.
-        streams = nn.vmap(Decoder, variable_axes={"params": None}, split_rngs={"params": False},
-                          in_axes=(None, 0, None), out_axes=0, axis_size=cfg.parscale_n,
-                          spmd_axis_name=self.stream_mesh_axis)
-        self.decoder = streams(cfg, self.dtype, self.remat, self.scan_unroll)
+        self.decoder = Decoder(cfg, self.dtype, self.remat, self.scan_layers, self.stream_mesh_axis)
         self.final_norm = RMSNorm(cfg.rms_norm_eps, self.dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.DenseGeneral(cfg.vocab_size, use_bias=False, dtype=self.dtype,
                                            param_dtype=jnp.float32,
                                            kernel_init=_init(cfg.initializer_range, ("embed", "vocab")))
 
-    def __call__(self, tokens, stream_in, ctx):
-        """Per-stream normed final states [P, B, S, H] and the per-stream new cache (or None)."""
+    def __call__(self, tokens, prefix, cache, ctx):
+        """Per-stream normed final states [P, B, S, H] and the updated cache (or None)."""
         # The lookup's output is sharded like the table (embed over fsdp); split the batch over
         # data first, then trade embed for batch over fsdp (one all-to-all): resharding in one
         # step makes XLA replicate the whole tensor on a data x fsdp x tensor mesh.
         x = _constrain(self.embed(tokens), ("activation_batch_data", "activation_length", "embed"))
         x = _constrain(x, ("activation_batch", "activation_length", "activation_embed"))
-        h, new_cache = self.decoder(x, stream_in, ctx)
-        h = _constrain(h, ("activation_stream", "activation_batch", "activation_length", "activation_embed"))
-        return self.final_norm(h), new_cache
+        # Every stream starts from the same embedded tokens; the backbone's params are shared.
+        x = _constrain(jnp.broadcast_to(x, (self.cfg.parscale_n,) + x.shape), _ACT + ("activation_embed",))
+        if rows_layout():
+            x = x.reshape(-1, x.shape[-1])
+        h, cache = self.decoder(x, prefix, cache, ctx)
+        h = _constrain(h.reshape((self.cfg.parscale_n,) + tokens.shape + h.shape[-1:]), _ACT + ("activation_embed",))
+        return self.final_norm(h), cache
 
     def logits(self, h):
         if self.cfg.tie_word_embeddings:
@@ -293,11 +347,11 @@ class ParScaleLM(nn.Module):
     cfg: ModelConfig
     dtype: Any = jnp.float32
     remat: str = "none"
-    scan_unroll: int | bool = 1
+    scan_layers: bool = True
     stream_mesh_axis: str | None = None
 
     def setup(self):
-        self.backbone = Backbone(self.cfg, self.dtype, self.remat, self.scan_unroll, self.stream_mesh_axis)
+        self.backbone = Backbone(self.cfg, self.dtype, self.remat, self.scan_layers, self.stream_mesh_axis)
         if self.cfg.parscale_n > 1:
             self.prefix = Prefix(self.cfg)
             self.aggregator = Aggregator(self.cfg, self.dtype)
@@ -324,13 +378,9 @@ class ParScaleLM(nn.Module):
             kv_seg = jnp.where(slots[None, :] < 0, 1, new_valid.astype(jnp.int32))  # prefix: real
             ctx = {"positions": positions, "segments": valid.astype(jnp.int32), "cache_index": cache_index,
                    "q_pos": cache_index + jnp.arange(S, dtype=jnp.int32), "kv_pos": slots, "kv_segments": kv_seg}
-        stream_in = {
-            "prefix": self.prefix() if cfg.parscale_n > 1 and cache is None else None,
-            "cache": (cache["k"], cache["v"]) if cache is not None else None,
-        }
-        if stream_in["prefix"] is not None:  # [L, P, ...] -> [P, L, ...] for the stream vmap
-            stream_in["prefix"] = tuple(jnp.swapaxes(a, 0, 1) for a in stream_in["prefix"])
-        z, kv = self.backbone(tokens, stream_in, ctx)
+        prefix = self.prefix() if cfg.parscale_n > 1 and cache is None else None  # [L, P, nKV, T, hd]
+        kv = (cache["k"], cache["v"]) if cache is not None else None
+        z, kv = self.backbone(tokens, prefix, kv, ctx)
         new_cache = None
         if cache is not None:
             new_cache = {"k": kv[0], "v": kv[1], "valid": new_valid, "index": cache_index + S}
@@ -358,16 +408,16 @@ def make_model(cfg: ModelConfig, dtype: Any = "float32", remat: str = "none", sc
                stream_mesh_axis: str | None = None, platform: str | None = None) -> ParScaleLM:
     """Build the module. ``dtype`` is the compute dtype (params stay float32).
 
-    ``scan_layers=False`` unrolls the layer loop (same param layout, longer compiles).
+    ``scan_layers=False`` loops over the layers in Python (same param layout, longer compiles;
+    each layer's weights are their own buffers: see :class:`Decoder`).
     ``remat``: "none", "full" (recompute each layer in the backward pass) or "save_dots".
     ``cfg.attention_impl`` is resolved for ``platform`` (default: jax's default backend; the
     AOT compiler passes the target's), so the module holds a concrete implementation.
     """
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat={remat!r}: choose one of {sorted(REMAT_POLICIES)}")
-    unroll = 1 if scan_layers else cfg.num_hidden_layers
     cfg = cfg.replace(attention_impl=A.resolve(cfg.attention_impl, platform, _dtype(dtype)))
-    return ParScaleLM(cfg, _dtype(dtype), remat, unroll, stream_mesh_axis)
+    return ParScaleLM(cfg, _dtype(dtype), remat, bool(scan_layers), stream_mesh_axis)
 
 
 def _boxed_init(model: ParScaleLM, rng: Array):
@@ -390,6 +440,20 @@ def logical_axes(model: ParScaleLM) -> dict:
     """The params' logical axis names as a pytree of PartitionSpec (same structure as params)."""
     boxed = jax.eval_shape(lambda r: _boxed_init(model, r), jax.random.PRNGKey(0))
     return nn.get_partition_spec(boxed)
+
+
+def unstack_layers(params: dict) -> dict:
+    """The same params with the decoder's stacked ``layers`` [L, ...] replaced by one tree per
+    layer, ``layers_0`` ... ``layers_{L-1}``: each layer's weights in their own buffers, for a
+    model with ``scan_layers=False`` (the decoding layout on CPU, see
+    :func:`parscale_jax.decode.decoding_layout`). Stacked stays the checkpoint format."""
+    dec = params["backbone"]["decoder"]
+    if "layers" not in dec:
+        return params
+    L = jax.tree.leaves(dec["layers"])[0].shape[0]
+    per_layer = jax.jit(functools.partial(layer_params, n_layers=L))(dec)
+    backbone = {**params["backbone"], "decoder": {f"layers_{i}": p for i, p in enumerate(per_layer)}}
+    return {**params, "backbone": backbone}
 
 
 def lm_head_kernel(cfg: ModelConfig, params: dict) -> Array:
