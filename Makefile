@@ -19,12 +19,15 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# Two workers, one test module each at a time (module fixtures compile once): 2 cores kept busy.
+PYTEST := $(BIN)/python -m pytest -n 2 --dist loadfile
+
 test: setup
-	$(BIN)/python -m pytest tests
+	$(PYTEST) tests
 
 # The quick loop (< 2 min on 2 cores): everything but the tests marked slow (training runs, subprocesses).
 test-fast: setup
-	$(BIN)/python -m pytest tests -m "not slow"
+	$(PYTEST) tests -m "not slow"
 
 # Train tiny at P=1 and P=4 on the default corpus, evaluate both, print a table (< 10 min on 2 cores).
 demo: setup

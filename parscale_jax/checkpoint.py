@@ -178,6 +178,7 @@ def restore_numpy(path: str, keep: tuple[str, ...] | None = None) -> Any:
     """Restore an orbax pytree as host numpy arrays, independent of the devices that saved it.
     ``keep``: only these top-level keys (the rest is not read)."""
     check_files(path)
+    _quiet_orbax_leftovers()
     ckptr = ocp.PyTreeCheckpointer()
     absl_log = logging.getLogger("absl")
     level = absl_log.level
@@ -192,7 +193,6 @@ def restore_numpy(path: str, keep: tuple[str, ...] | None = None) -> Any:
         out = ckptr.restore(path, args=ocp.args.PyTreeRestore(item=tree, restore_args=args, partial_restore=True)) \
             if keep is not None else ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
     except Exception as e:  # a missing or damaged file: orbax and tensorstore raise many kinds
-        _after_aborted_read()
         raise Damaged(_reason(e)) from None
     finally:
         absl_log.setLevel(level)
@@ -200,17 +200,23 @@ def restore_numpy(path: str, keep: tuple[str, ...] | None = None) -> Any:
     return jax.tree.map(np.asarray, out)
 
 
-def _after_aborted_read() -> None:
-    """An orbax read or write that failed on one array leaves tensorstore operations on others in
-    flight; they finish into orbax's closed event loop and report ``RuntimeError('Event loop is
-    closed')`` as unraisable exceptions (tracebacks after our one-line error). Drop exactly those,
-    from now on."""
+def _quiet_orbax_leftovers() -> None:
+    """An orbax read or write that fails on one array (a truncated or missing file, a full disk)
+    leaves its operations on the others in flight: their coroutines are dropped unfinished or finish
+    into orbax's closed event loop, and Python reports each as an unraisable exception (hundreds of
+    traceback lines around our one-line error, at a moment that depends on the garbage collector).
+    Drop exactly those: unraisables raised in orbax's own coroutines, and ``RuntimeError('Event
+    loop is closed')``. Installed before a restore (the report may come before the error reaches
+    us) and on a failed save; once."""
     prev = sys.unraisablehook
     if getattr(prev, "_parscale_quiet", False):
         return
 
     def hook(u):
-        if not (u.exc_type is RuntimeError and "Event loop is closed" in str(u.exc_value)):
+        code = getattr(u.object, "cr_code", None) or getattr(u.object, "gi_code", None)
+        in_orbax = code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+        closed_loop = u.exc_type is RuntimeError and "Event loop is closed" in str(u.exc_value)
+        if not (in_orbax or closed_loop):
             prev(u)
 
     hook._parscale_quiet = True
@@ -325,7 +331,7 @@ class Checkpointer:
             multihost_utils.sync_global_devices("parscale_jax: checkpoint directory tidied")
         opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
                                             enable_async_checkpointing=async_save)
-        _after_aborted_read()  # a failed save leaves tensorstore callbacks into a closed loop too
+        _quiet_orbax_leftovers()  # a failed save leaves tensorstore callbacks into a closed loop too
         self._quiet = _NoOrbaxErrors()
         logging.getLogger("absl").addFilter(self._quiet)
         self.mngr = ocp.CheckpointManager(self.dir, options=opts, item_names=("state", "data", "meta"))
@@ -401,12 +407,12 @@ class Checkpointer:
     # -- restoring --
     def _restore_one(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         check_files(os.path.join(self.dir, str(step), "state"))
+        _quiet_orbax_leftovers()
         try:
             out = self.mngr.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
         except Exception as e:
-            _after_aborted_read()
-            raise Damaged(_reason(e)) from None
+                raise Damaged(_reason(e)) from None
         return out["state"], out["data"]
 
     def restore(self, abstract_state: Any, accept: Callable[[int, dict], None] | None = None

@@ -190,6 +190,40 @@ def test_eval_and_convert_on_a_damaged_checkpoint_one_line(runs, how, tmp_path, 
     assert not (tmp_path / "hf").exists()
 
 
+def test_leftovers_of_an_aborted_orbax_read_are_dropped_and_nothing_else(monkeypatch):
+    """A truncated array file makes orbax drop its other reads unfinished; Python reports each as an
+    unraisable exception from an orbax coroutine (seen as 450 lines around the one-line warning).
+    Those, and "Event loop is closed", are dropped; any other unraisable still reaches the hook."""
+    import types
+
+    from parscale_jax import checkpoint as C
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    C._quiet_orbax_leftovers()
+    C._quiet_orbax_leftovers()  # installed once: the second call does not wrap the first
+
+    def coroutine_in(folder: str):
+        ns: dict = {}
+        exec(compile("async def _read():\n    pass\n", os.path.join(os.sep, "site", folder, "x.py"), "exec"), ns)
+        return ns["_read"]()
+
+    def report(obj, exc):
+        sys.unraisablehook(types.SimpleNamespace(object=obj, exc_type=type(exc), exc_value=exc, exc_traceback=None,
+                                                 err_msg=None))
+
+    ours, theirs = coroutine_in("orbax"), coroutine_in("elsewhere")
+    try:
+        report(ours, ValueError("tensorstore: truncated"))
+        report(None, RuntimeError("Event loop is closed"))
+        report(theirs, ValueError("a real problem"))
+        report(None, RuntimeError("another problem"))
+    finally:
+        ours.close()
+        theirs.close()
+    assert [str(u.exc_value) for u in seen] == ["a real problem", "another problem"]
+
+
 def test_checksums_match_an_independent_computation_and_see_every_byte():
     """Device sums (jax) and host sums (numpy) equal the definition computed in pure Python, and a
     change of any single byte of an array changes them."""
