@@ -117,6 +117,7 @@ def np_aggregate(agg, z, eps):
 
 
 # ---- tests -------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_vmapped_streams_equal_loop_over_streams(setup4):
     model, params, tokens = setup4
     z, _ = model.apply({"params": params}, tokens, method=M.ParScaleLM.stream_states)
@@ -127,6 +128,7 @@ def test_vmapped_streams_equal_loop_over_streams(setup4):
     assert np.abs(ref[0] - ref[1]).max() > 1e-2
 
 
+@pytest.mark.slow
 def test_aggregation_matches_float64_formula_in_hp_order(setup4):
     model, params, tokens = setup4
     z = np.asarray(model.apply({"params": params}, tokens, method=M.ParScaleLM.stream_states)[0])
@@ -146,6 +148,7 @@ def test_aggregation_matches_float64_formula_in_hp_order(setup4):
     np.testing.assert_allclose(np.asarray(logits), ref_logits, atol=5e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_first_gate_is_near_uniform():
     model = M.make_model(CFG4)
     params = M.init_params(model, jax.random.PRNGKey(3))
@@ -158,6 +161,7 @@ def test_first_gate_is_near_uniform():
         assert np.isfinite(leaf).all() and 0.01 < float(np.std(leaf)) < 0.03
 
 
+@pytest.mark.slow
 def test_causality(setup4):
     model, params, tokens = setup4
     t = 5
@@ -168,6 +172,7 @@ def test_causality(setup4):
     assert np.abs(np.asarray(a[:, t:]) - np.asarray(b[:, t:])).max() > 1e-4
 
 
+@pytest.mark.slow
 def test_prefix_visibility(setup4):
     model, params, tokens = setup4
     p = 2
@@ -182,6 +187,7 @@ def test_prefix_visibility(setup4):
             assert np.array_equal(z1[q], z0[q])
 
 
+@pytest.mark.slow
 def test_left_padding_matches_unpadded(setup4):
     model, params, tokens = setup4
     pad = 3
@@ -193,6 +199,7 @@ def test_left_padding_matches_unpadded(setup4):
     assert np.isfinite(np.asarray(b)).all()
 
 
+@pytest.mark.slow
 def test_gradients_reach_all_groups(setup4):
     model, params, tokens = setup4
     from parscale_jax.loss import token_nll
@@ -209,6 +216,7 @@ def test_gradients_reach_all_groups(setup4):
             assert np.abs(leaf).max() > 0, (group, kp)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_close_to_float32(setup4):
     _, params, tokens = setup4
     f32, _ = M.make_model(CFG4, dtype="float32").apply({"params": params}, tokens)
@@ -221,6 +229,7 @@ def test_bfloat16_compute_close_to_float32(setup4):
     assert (bf16.argmax(-1) == f32.argmax(-1)).mean() > 0.9
 
 
+@pytest.mark.slow
 def test_remat_and_unrolled_layers_give_the_same_logits(setup4):
     _, params, tokens = setup4
     ref, _ = M.make_model(CFG4).apply({"params": params}, tokens)
@@ -229,6 +238,8 @@ def test_remat_and_unrolled_layers_give_the_same_logits(setup4):
         np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-6)
 
 
+@pytest.mark.slow
+@pytest.mark.torch
 @pytest.mark.parametrize("tied", [True, False])
 def test_p1_matches_transformers_qwen2(tied):
     torch = pytest.importorskip("torch")
