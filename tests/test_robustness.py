@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_train import Job, closed_form_lr, one_line_error, sub_env, write_corpus
+from test_train import Job, closed_form_lr, one_line_error, slow_data_after, sub_env, write_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -598,17 +598,8 @@ def _hooks(hooks: dict) -> None:
     time it failed is written to ``mark``."""
     import orbax.checkpoint as ocp
 
-    from parscale_jax import data as D
-
     if "slow_after" in hooks:
-        nxt = D.DataIterator.__next__
-
-        def slow_next(self):
-            if self.next_batch >= hooks["slow_after"]:
-                time.sleep(1.0)
-            return nxt(self)
-
-        D.DataIterator.__next__ = slow_next
+        slow_data_after(hooks["slow_after"])
     if "enospc_in_save" in hooks:
         finalize = ocp.CompositeCheckpointHandler.finalize
 

@@ -696,7 +696,6 @@ def _train(hooks: dict, argv: list[str]) -> int:
     takes a second."""
     import orbax.checkpoint as ocp
 
-    from parscale_jax import data as D
     from parscale_jax.cli import train
 
     if "sigkill_in_save" in hooks:
@@ -709,15 +708,22 @@ def _train(hooks: dict, argv: list[str]) -> int:
 
         ocp.CompositeCheckpointHandler.finalize = killing_finalize
     if "slow_after" in hooks:
-        nxt = D.DataIterator.__next__
-
-        def slow_next(self):
-            if self.next_batch >= hooks["slow_after"]:
-                time.sleep(1.0)
-            return nxt(self)
-
-        D.DataIterator.__next__ = slow_next
+        slow_data_after(hooks["slow_after"])
     return train.main(argv)
+
+
+def slow_data_after(n: int) -> None:
+    """Test hook (in a helper process): every batch after the first ``n`` takes a second."""
+    from parscale_jax import data as D
+
+    nxt = D.DataIterator.__next__
+
+    def slow_next(self):
+        if self.next_batch >= n:
+            time.sleep(1.0)
+        return nxt(self)
+
+    D.DataIterator.__next__ = slow_next
 
 
 if __name__ == "__main__":
