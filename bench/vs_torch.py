@@ -21,6 +21,8 @@ Timed calls go round-robin over every (implementation, backbone, P) after a warm
 reported; ratios are torch time / JAX time (> 1: JAX faster). A jitted 2048^3 matmul (JAX and
 torch) in the same round-robin gives the machine's dense float32 matmul rate, against which each
 training step's model FLOP rate is reported (what bounds a step on this CPU).
+The step's dense layers alone (``dense_chain``: the same matmuls, forward + backward, on the same
+rows, in JAX and torch) are timed in the same round-robin: a floor under each library's step.
 Writes ``bench/results/vs_torch.{json,md,png}``.
 """
 from __future__ import annotations
@@ -225,6 +227,53 @@ def mlp_component(cfg, batch, seq, repeats):
     return {k: {"s": float(np.median(v)), "gflops": flops / float(np.median(v)) / 1e9} for k, v in out.items()}
 
 
+def dense_chain(cfg, rows: int) -> dict:
+    """The training step's dense layers alone, forward + backward (weight grads), in JAX and torch.
+
+    Per layer on ``[rows, H]`` activations: q/k/v/o projections (k + v tiled back to H, so every
+    projection's gradient is computed) and the SwiGLU MLP, each with its residual add; then the
+    LM head and a fixed random linear loss. No attention, norms, rotary, embedding, softmax loss
+    or optimizer: what a step costs if those cost nothing, i.e. a floor for each library's step.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    H, I, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+    kv = cfg.num_key_value_heads * (H // cfg.num_attention_heads)
+    shapes = [(H, H), (H, kv), (H, kv), (H, H), (H, I), (H, I), (I, H)]
+    rng = np.random.default_rng(0)
+    ws = [(rng.standard_normal(s) * 0.02).astype(np.float32) for _ in range(L) for s in shapes]
+    ws.append((rng.standard_normal((H, V)) * 0.02).astype(np.float32))
+    x = rng.standard_normal((rows, H)).astype(np.float32)
+    r = rng.standard_normal((rows, V)).astype(np.float32)
+
+    def forward(w, x, r, silu, tile):
+        for i in range(L):
+            wq, wk, wv, wo, wg, wu, wd = w[7 * i:7 * i + 7]
+            x = x + (x @ wq + tile(x @ wk + x @ wv, H // kv)) @ wo
+            x = x + (silu(x @ wg) * (x @ wu)) @ wd
+        return ((x @ w[-1]) * r).sum()
+
+    g = jax.jit(jax.grad(lambda w, x, r: forward(w, x, r, jax.nn.silu, lambda a, n: jnp.tile(a, (1, n)))))
+    jw, jx, jr = [jnp.asarray(w) for w in ws], jnp.asarray(x), jnp.asarray(r)
+    tw = [torch.tensor(w, requires_grad=True) for w in ws]
+    tx, tr = torch.tensor(x), torch.tensor(r)
+
+    def trun():
+        for w in tw:
+            w.grad = None
+        forward(tw, tx, tr, torch.nn.functional.silu, lambda a, n: a.repeat(1, n)).backward()
+
+    fns = {"jax": lambda: jax.block_until_ready(g(jw, jx, jr)), "torch": trun}
+    for fn in fns.values():
+        fn()
+        fn()
+    flops = 3 * 2 * rows * (sum(a * b for a, b in shapes) * L + H * V)
+    return {"fns": fns, "flops": flops, "rows": rows}
+
+
 PEAK_N = 2048
 
 
@@ -315,6 +364,7 @@ def main(argv=None) -> int:
                 return time.perf_counter() - t0, np.asarray(toks)
 
             c["impls"]["jax"]["decode"] = jdec
+            c["chain"], c["chain_t"] = dense_chain(cfg, P * batch * seq), {"jax": [], "torch": []}
             for k, v in timps.items():
                 c["impls"][k] = dict(train=v["train"], decode=v["decode"])
             # warm-up (compiles JAX; first torch calls) and greedy agreement of the decoded tokens
@@ -353,6 +403,11 @@ def main(argv=None) -> int:
                 time.sleep(0.1)
                 dt, _ = impl["decode"]()
                 impl["decode_t"].append(dt / args.chunk)
+            for k, fn in c["chain"]["fns"].items():
+                time.sleep(0.1)
+                t = time.perf_counter()
+                fn()
+                c["chain_t"][k].append(time.perf_counter() - t)
         B.log(f"round {i + 1}/{args.repeats}")
 
     components = {}
@@ -371,6 +426,9 @@ def main(argv=None) -> int:
                  times={k: {"train_s": v[0], "decode_token_s": v[1], "train_all": c["impls"][k]["train_t"],
                             "decode_all": c["impls"][k]["decode_t"]} for k, v in med.items()})
         r["train_flops"] = F.train_flops_per_token(c["cfg"], c["seq_len"]) * c["batch"] * c["seq_len"]
+        r["dense_chain"] = {"rows": c["chain"]["rows"], "flops": c["chain"]["flops"],
+                            **{f"{k}_s": float(np.median(v)) for k, v in c["chain_t"].items()},
+                            **{f"{k}_all": v for k, v in c["chain_t"].items()}}
         for k in ("torch_ref", "transformers"):
             if k in med:
                 r[f"train_speedup_vs_{k}"] = med[k][0] / med["jax"][0]
@@ -407,10 +465,13 @@ def main(argv=None) -> int:
                 continue
             got = r[f"train_speedup_vs_{k}"]
             need_s = r["times"][k]["train_s"] / want
+            chain = r["dense_chain"]["jax_s"]
             goals.append(f"Goal: the training step at small, P={r['P']}, at least {want}x faster than {what}: "
                          f"**{'met' if got >= want else 'NOT met'}** ({got:.2f}x). It needs a JAX step of "
                          f"{need_s * 1e3:.0f} ms = {r['train_flops'] / need_s / 1e9:.0f} GFLOP/s, "
-                         f"{r['train_flops'] / need_s / best:.0%} of the measured matmul peak.")
+                         f"{r['train_flops'] / need_s / best:.0%} of the measured matmul peak. JAX's dense-layer "
+                         f"chain alone (no attention, norms, rotary, loss or optimizer) took {chain * 1e3:.0f} ms, "
+                         f"{chain / need_s:.2f}x that budget.")
     shapes = "; ".join(f"{bb}: H={preset('tiny', **BACKBONES[bb][0]).hidden_size}, "
                        f"I={preset('tiny', **BACKBONES[bb][0]).intermediate_size}, "
                        f"L={preset('tiny', **BACKBONES[bb][0]).num_hidden_layers}, "
@@ -437,6 +498,19 @@ def main(argv=None) -> int:
                          f"{v['torch']['gflops']:.0f}", f"{v['jax']['s'] and v['torch']['s'] / v['jax']['s']:.2f}",
                          f"{v['jax_2d_dx']['s'] * 1e3:.1f}", f"{v['jax_3d_dx']['s'] * 1e3:.1f}"]
                         for bb, v in components.items()]),
+          "Floor: the step's dense layers alone (`dense_chain`: per layer q/k/v/o and the SwiGLU MLP with their "
+          "residual adds, then the LM head; forward + backward with weight grads, on the step's [P*B*S, H] rows; no "
+          "attention, norms, rotary, embedding, softmax loss or optimizer), JAX jit grad vs torch autograd, in the "
+          "same round-robin as the steps:\n\n"
+          + B.md_table(["backbone", "P", "rows", "GFLOP", "JAX ms", "JAX GFLOP/s", "torch ms", "torch GFLOP/s",
+                        "torch/JAX", "JAX step / JAX chain"],
+                       [[r["backbone"], r["P"], r["dense_chain"]["rows"], f"{r['dense_chain']['flops'] / 1e9:.1f}",
+                         f"{r['dense_chain']['jax_s'] * 1e3:.1f}",
+                         f"{r['dense_chain']['flops'] / r['dense_chain']['jax_s'] / 1e9:.0f}",
+                         f"{r['dense_chain']['torch_s'] * 1e3:.1f}",
+                         f"{r['dense_chain']['flops'] / r['dense_chain']['torch_s'] / 1e9:.0f}",
+                         f"{r['dense_chain']['torch_s'] / r['dense_chain']['jax_s']:.2f}",
+                         f"{r['times']['jax']['train_s'] / r['dense_chain']['jax_s']:.2f}"] for r in rows]),
           f"Training-step FLOP rate: model FLOPs per step (`flops.train_flops_per_token` x tokens: 3 x the forward's "
           f"matmuls and attention) / step time, and its fraction of the machine's dense float32 matmul rate measured "
           f"in the same round-robin ({PEAK_N}^3: JAX {peak['jax'] / 1e9:.0f} GFLOP/s, torch {peak['torch'] / 1e9:.0f} "
