@@ -155,7 +155,10 @@ def main(argv=None) -> int:
     if args.steps < 1 or args.batch_size < 1:
         raise UserError("--steps and --batch-size must be >= 1")
     if args.run:
-        print(json.dumps(run_cell(args, args.run, args.seed)), flush=True)
+        was = cached(args, args.run, args.seed) is not None
+        rec = run_cell(args, args.run, args.seed)
+        B.log(f"{args.run} seed {args.seed}: {'reused' if was else 'trained'}, bpb {rec['bpb']:.4f}, {rec['wall_s']:.0f}s")
+        print(json.dumps(rec), flush=True)
         return 0
     t0 = time.time()
     rows = finished(args) if args.analyze_only else run_grid(args)
