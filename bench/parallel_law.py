@@ -7,17 +7,18 @@
 A controlled miniature of the paper's method (issue 24). Every run is ``parscale_jax.runner.train``
 on ``configs/tiny.yaml`` (byte tokenizer, the default corpus: this interpreter's standard library,
 seq_len 128) with the same steps, batch, learning-rate schedule, data order and seeds; only the
-model changes. The base backbone has 4 layers (H=48, I=128, 4/2 heads); the ParScale runs put
-P = 2, 4, 8 streams on it (16 prefix tokens per layer, the ``tiny`` preset's count, not the paper's
-48: at H=48 the prefix would otherwise outweigh the gate); the dense controls are P = 1 models
-about 1.25x, 1.5x, 2x and 3x the base's total parameters, grown in WIDTH (hidden and MLP size; 4
-layers and the heads kept). The held-out split (``data.heldout_fraction`` 0.01 of the files,
-~223K bytes) is scored whole, in bits per byte.
+model changes: 150 steps x 16 x 128 = 307,200 tokens. The base backbone has 4 layers (H=32,
+I=88, 4/2 heads; 58,912 parameters); the ParScale runs put P = 2, 4, 8 streams on it with 8 prefix
+tokens per layer (not the paper's 48, which at H=32 would add more than the backbone's own
+non-embedding parameters at P=8); the dense controls are P = 1 models about 1.25x, 1.5x, 2x and
+3x the base's total parameters, grown in WIDTH (hidden and MLP size; 4 layers and the heads
+kept). Seeds: 3 at the base, 2 elsewhere. The held-out split (``data.heldout_fraction`` 0.005 of
+the files, 147,876 bytes) is scored whole, in bits per byte.
 
 The analysis (``parscale_jax.scaling.parallel``) fits ``L(N) = E + (A/N)^alpha`` to the dense
 runs, reads each P's effective parameters off that curve, ``m(P) = N_eff / N``, and fits
-``m(P) = 1 + k ln P``; intervals by bootstrap over seeds (runs resampled within each cell, the
-dense curve refitted each time). N is the non-embedding count; the headline counts the streams'
+``m(P) = 1 + k ln P``; intervals by a parametric bootstrap over seeds (cell means redrawn with the
+pooled seed-to-seed spread, the dense curve refitted each time). N is the non-embedding count; the headline counts the streams'
 prefix and gate in N (conservative), the sensitivity row uses the backbone alone. The
 equal-training-FLOPs reading compares each P run with the dense curve at P times its compute.
 
@@ -40,7 +41,7 @@ from parscale_jax.errors import UserError, cli_entry
 from parscale_jax.fileio import write_json
 
 # cell -> (hidden, intermediate, layers, P). Dense widths chosen (multiples of 8) so that the
-# total parameter count is ~1.25/1.5/2/3x the base's 120,624 (measured ratios in the results).
+# total parameter count is ~1.25/1.5/2/3x the base's 58,912 (measured counts in the results).
 CELLS = {
     "base": (32, 88, 4, 1),
     "P2": (32, 88, 4, 2),
@@ -109,10 +110,9 @@ def run_cell(args, cell: str, seed: int) -> dict:
            "tokens_per_s": s.get("mean_tokens_per_s"), "compile_s": s.get("compile_s"), "wall_s": wall,
            "load_average": [round(x, 2) for x in os.getloadavg()]}
     write_json(os.path.join(wd, "bench_run.json"), rec, indent=1)  # atomic: whole or absent
-    for sub in os.listdir(wd):  # keep only the record: checkpoints are not needed
-        if sub != "bench_run.json":
-            p = os.path.join(wd, sub)
-            shutil.rmtree(p) if os.path.isdir(p) else None
+    for sub in os.listdir(wd):  # keep only the record: the checkpoints are not needed
+        if sub != "bench_run.json" and os.path.isdir(os.path.join(wd, sub)):
+            shutil.rmtree(os.path.join(wd, sub))
     return rec
 
 
