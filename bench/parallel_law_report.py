@@ -73,17 +73,22 @@ def verdict(res: dict, n_seeds_p: int) -> list[str]:
     out = [f"**k = {mid:.3f}, {lvl}% interval [{lo:.3f}, {hi:.3f}]** with the streams' prefix and gate counted "
            f"in N (headline, conservative); k = {bmid:.3f} [{blo:.3f}, {bhi:.3f}] on backbone N. "
            f"The paper: k = 0.39 (Stack-V2-Python) and 0.33 (Pile), from 0.5B parameters and 42B tokens."]
+    bb = (f" On backbone N alone (the streams' parameters not counted) k = {bmid:.3f} [{blo:.3f}, {bhi:.3f}]"
+          + (": above 0." if blo > 0 else ": its interval includes 0." if bhi >= 0 else ": below 0 too."))
     if lo > 0:
         out.append(f"**The effect reproduced at this scale**: k > 0 with its {lvl}% interval excluding 0, even "
                    f"with the streams' extra parameters counted.")
+    elif hi < 0:
+        out.append(f"**The effect did not reproduce at this scale**: with the streams' extra parameters counted, "
+                   f"k < 0 with its {lvl}% interval excluding 0 (k < {hi:.3f}): the P runs did worse than a dense model "
+                   f"of their own parameter count." + bb)
     else:
         half = (hi - lo) / 2
         need = ("" if mid <= 0 else f" At the measured k = {mid:.3f} and this seed noise, an interval excluding 0 "
                 f"would need about {math.ceil(n_seeds_p * (half / mid) ** 2)} seeds per cell (the interval narrows "
                 f"as 1/sqrt(seeds)).")
         out.append(f"**The effect did not reproduce at this scale with the extra parameters counted**: the "
-                   f"{lvl}% interval of k includes 0; the data bound k below {hi:.3f}.{need}"
-                   + (f" On backbone N alone k > 0 (interval excludes 0)." if blo > 0 else ""))
+                   f"{lvl}% interval of k includes 0; the data bound k below {hi:.3f}.{need}" + bb)
     return out
 
 
