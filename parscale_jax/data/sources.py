@@ -19,13 +19,14 @@ from parscale_jax.data.tokenizer import _utf8
 from parscale_jax.errors import UserError
 
 STDLIB_EXCLUDE_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
+DATASETS_METADATA = frozenset({"state.json", "dataset_info.json", "dataset_dict.json"})
 
 
 @dataclasses.dataclass(frozen=True)
 class SourceFile:
     path: str       # absolute
     relpath: str    # relative to the source root, "/"-separated: the split key
-    format: str     # text | jsonl | npy
+    format: str     # text | jsonl | npy | parquet | arrow
 
 
 def stdlib_root() -> str:
@@ -40,6 +41,10 @@ def _format_of(path: str, fmt: str) -> str:
         return "jsonl"
     if low.endswith(".npy"):
         return "npy"
+    if low.endswith(".parquet"):
+        return "parquet"
+    if low.endswith(".arrow"):
+        return "arrow"
     return "text"
 
 
@@ -91,7 +96,10 @@ def list_files(cfg: DataConfig) -> list[SourceFile]:
                             f"or 'stdlib' for the built-in corpus")
     root = os.path.abspath(root)
     files = []
+    arrow_dirs = {os.path.dirname(os.path.abspath(p)) for p in paths if p.lower().endswith(".arrow")}
     for p in paths:
+        if os.path.basename(p) in DATASETS_METADATA and os.path.dirname(os.path.abspath(p)) in arrow_dirs:
+            continue  # the metadata of a `datasets` folder saved with save_to_disk: its rows are in the .arrow files
         p = os.path.abspath(p)
         rel = os.path.relpath(p, root).replace(os.sep, "/")
         files.append(SourceFile(p, rel, _format_of(p, cfg.format)))
@@ -116,24 +124,29 @@ class _Unit:
     text: str | None = None   # JSONL records carry their text
 
 
-def _jsonl_units(f: SourceFile, field: str) -> list[_Unit]:
-    units = []
-    with open(f.path, "rb") as fh:
+def jsonl_lines(path: str):
+    """(line number, stripped text) of every non-blank line of a JSONL file (a blank line is no unit)."""
+    with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
             line = raw.decode("utf-8", errors="replace").strip().lstrip("\ufeff")
-            if not line:
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{f.path} line {lineno}: unreadable JSONL line ({e.msg} at column {e.colno}): "
-                                f"each line must be one JSON object") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
-                what = "not a JSON object" if not isinstance(obj, dict) else (
-                    f"no field {field!r}" if field not in obj else f"field {field!r} is not a string")
-                raise UserError(f"{f.path} line {lineno}: unreadable JSONL line ({what}): each line must be an "
-                                f"object with a string field {field!r} (set data.text_field to change the field)")
-            units.append(_Unit(f"{f.relpath}:{lineno}", f, obj[field]))
+            if line:
+                yield lineno, line
+
+
+def _jsonl_units(f: SourceFile, field: str) -> list[_Unit]:
+    units = []
+    for lineno, line in jsonl_lines(f.path):
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{f.path} line {lineno}: unreadable JSONL line ({e.msg} at column {e.colno}): "
+                            f"each line must be one JSON object") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
+            what = "not a JSON object" if not isinstance(obj, dict) else (
+                f"no field {field!r}" if field not in obj else f"field {field!r} is not a string")
+            raise UserError(f"{f.path} line {lineno}: unreadable JSONL line ({what}): each line must be an "
+                            f"object with a string field {field!r} (set data.text_field or --text-field to change the field)")
+        units.append(_Unit(f"{f.relpath}:{lineno}", f, obj[field]))
     return units
 
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from parscale_jax.data.config import DataConfig
 from parscale_jax.data.sources import _Unit, _units, split_units
-from parscale_jax.data.tokenizer import ByteTokenizer, Tokenizer, _utf8, _valid_str
+from parscale_jax.data.tokenizer import ByteTokenizer, Tokenizer, _utf8, _valid_str, encode_documents
 from parscale_jax.errors import UserError
 from parscale_jax.fileio import atomic_file
 
@@ -153,13 +153,8 @@ def _read_doc(u: _Unit) -> bytes | str:
 
 def _encode_group(docs: list[bytes | str], tok: Tokenizer, dtype) -> np.ndarray:
     """Token ids of the documents, each followed by EOS, as one array."""
-    eos = np.asarray([tok.eos_id], dtype)
     if isinstance(tok, ByteTokenizer):
-        parts = []
-        for d in docs:
-            b = _utf8(d) if isinstance(d, str) else d
-            parts += [np.frombuffer(b, np.uint8), eos]
-        return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros((0,), dtype)
+        return encode_documents(tok, docs, dtype)[0]
 
     texts = [_valid_str(d) if isinstance(d, str) else d.decode("utf-8", errors="replace") for d in docs]
     key = hashlib.sha256(tok.fingerprint.encode())
@@ -180,8 +175,7 @@ def _encode_group(docs: list[bytes | str], tok: Tokenizer, dtype) -> np.ndarray:
     with tqdm(total=len(texts), desc=f"tokenising {n_bytes / 2**20:.0f} MiB", unit="doc", file=sys.stderr,
               mininterval=2.0, disable=n_bytes <= 4 << 20) as progress:
         for i in range(0, len(texts), chunk):
-            for ids in tok.encode_batch(texts[i: i + chunk], parse_special=False):
-                parts += [ids.astype(dtype), eos]
+            parts.append(encode_documents(tok, texts[i: i + chunk], dtype)[0])
             progress.update(len(texts[i: i + chunk]))
     out = np.concatenate(parts) if parts else np.zeros((0,), dtype)
     if cache:
