@@ -2,6 +2,7 @@
 
     python -m parscale_jax.data prepare --input SRC [SRC ...] --out DIR --tokenizer bytes|PATH
     python -m parscale_jax.data inspect DIR [--json OUT] [--verify]
+    python -m parscale_jax.data inspect --config CFG [key=value ...] [--batches N] [--json OUT]
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import time
 
 from parscale_jax.data import shards as S
 from parscale_jax.data.prepare import DEFAULT_SHARD_TOKENS, prepare
+from parscale_jax.data.preview import preview_config, print_preview
 from parscale_jax.errors import UserError, cli_entry
 from parscale_jax.fileio import write_json
 
@@ -33,7 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out share of the units (hash of the unit key; tokens when a side would be empty)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     i = sub.add_parser("inspect", help="tokens, documents, shards and split sizes of a prepared dataset")
-    i.add_argument("dir", metavar="DIR", help="a prepared dataset (a folder holding manifest.json)")
+    i.add_argument("dir", metavar="DIR", nargs="?", help="a prepared dataset (a folder holding manifest.json)")
+    i.add_argument("overrides", nargs="*", metavar="key=value", help="with --config: config overrides, as train.py")
+    i.add_argument("--config", default=None, metavar="CFG",
+                   help="a training config instead of DIR: each source's share of the first batches, a sample row")
+    i.add_argument("--batches", type=int, default=8, help="with --config: global training batches to read")
     i.add_argument("--json", metavar="OUT", default=None, help="also write the figures as JSON here")
     i.add_argument("--verify", action="store_true", help="check every shard's size and sha256 (reads all of them)")
     return ap
@@ -73,6 +79,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {m.dir} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         _print_summary(info)
         return 0
+    if args.config is not None or args.dir is None or "=" in args.dir:
+        overrides = ([args.dir] if args.dir else []) + list(args.overrides)
+        info = preview_config(args.config, overrides, args.batches)
+        print_preview(info)
+        if args.json:
+            write_json(args.json, info)
+        return 0
+    if args.overrides:
+        raise UserError(f"inspect DIR takes no overrides ({' '.join(args.overrides)}): pass them with --config CFG")
     info = inspect_dir(args)
     _print_summary(info)
     if args.json:

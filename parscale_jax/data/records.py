@@ -27,6 +27,7 @@ from parscale_jax.data import shards as SH
 from parscale_jax.data.config import DataConfig
 from parscale_jax.data.sources import list_files
 from parscale_jax.data.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
+from parscale_jax.data.tokens import cache_dir
 from parscale_jax.errors import UserError
 
 _PREPARED_KEY_VERSION = 1
@@ -38,16 +39,6 @@ def _get(m: Any, key: str) -> Any:
 
 def is_prepared(path: str) -> bool:
     return os.path.isdir(path) and SH.is_dataset(path)
-
-
-def cache_root() -> str | None:
-    """$PARSCALE_JAX_CACHE (default ~/.cache/parscale_jax; 'off': raw sources are prepared into a
-    temporary directory per run)."""
-    d = os.environ.get("PARSCALE_JAX_CACHE")
-    if d is not None:
-        return None if d.strip().lower() in ("", "off", "none", "0") else os.path.expanduser(d)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "parscale_jax")
 
 
 def raw_key(cfg: DataConfig, tok: Tokenizer) -> str:
@@ -80,7 +71,7 @@ def prepared_dir(cfg: DataConfig, tok: Tokenizer | None = None, log=None) -> str
     if is_prepared(cfg.source):
         return os.path.abspath(cfg.source)
     key = raw_key(cfg, tok or load_tokenizer(cfg.tokenizer))
-    root = cache_root()
+    root = cache_dir()
     if root is None:
         root = tempfile.mkdtemp(prefix="parscale-prepared-")
     out = os.path.join(root, "prepared", key)
@@ -93,8 +84,14 @@ def prepared_dir(cfg: DataConfig, tok: Tokenizer | None = None, log=None) -> str
                 log(f"preparing data source {cfg.source} into {out} (once)")
             from parscale_jax.data import prepare as PR  # the writer: only when a raw source is new
 
-            PR.prepare([cfg.source], out, cfg.tokenizer, workers=1, text_field=cfg.text_field,
-                       heldout_fraction=cfg.heldout_fraction)
+            try:
+                PR.prepare([cfg.source], out, cfg.tokenizer, workers=1, text_field=cfg.text_field,
+                           heldout_fraction=cfg.heldout_fraction)
+            except UserError as e:
+                if "hold no documents" in str(e):
+                    raise UserError(f"data source {cfg.source} is empty (no text or token ids in its files): "
+                                    f"add data or point data.source elsewhere") from None
+                raise
     return out
 
 
