@@ -288,13 +288,15 @@ def _slow_prepare(argv: list[str], delay: float) -> int:
 
 @pytest.mark.slow
 def test_kill_9_mid_run_and_rerun_gives_identical_output(inputs, tmp_path):
-    srcs = [inputs["text"], inputs["jsonl"], inputs["parquet"]]
+    ids = tmp_path / "ids.npy"   # first: the kills land while it is copied (shards of 97 of its 3000 ids)
+    np.save(ids, np.random.default_rng(1).integers(0, 259, size=3000).astype(np.uint16))
+    srcs = [str(ids), inputs["text"], inputs["jsonl"], inputs["parquet"]]
     argv = ["prepare", "--input", *srcs, "--shard-tokens", "97", "--heldout-fraction", "0.3", "--no-progress"]
     ref = prepare(srcs, str(tmp_path / "ref"), "bytes", shard_tokens=97, heldout_fraction=0.3, progress=False)
     out = str(tmp_path / "out")
     env = dict(os.environ, PYTHONPATH=REPO)
     kept = None
-    for kill_after in (12, 30):   # killed twice, at different points; the third run finishes
+    for kill_after in (12, 45):   # killed twice, at different points; the third run finishes
         proc = subprocess.Popen([sys.executable, __file__, "0.05", *argv, "--out", out], env=env, cwd=REPO)
         state = os.path.join(out, ".prepare")
         deadline = time.time() + 60

@@ -16,6 +16,8 @@ manifest is written last.
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
@@ -247,7 +249,10 @@ class ShardWriter:
     the first ``skip`` (already in the finished shards ``done`` of an earlier run). Each shard is
     written to a temporary file, renamed when full, then recorded by a sidecar (``.prepare/NAME.json``)
     holding the manifest entry and ``ctx``: the work item being written and every split's position
-    when it began (where a resumed run can start)."""
+    when it began (where a resumed run can start). Hashing, fsync, rename and sidecar run in one
+    background thread, in order, while the next shard is written; :meth:`close` waits for them."""
+
+    MAX_PENDING = 16
 
     def __init__(self, out: str, split: str, prefix: str, dtype: str, shard_tokens: int,
                  done: list[dict], pos: int):
@@ -255,58 +260,104 @@ class ShardWriter:
         self.shard_tokens, self.done, self.pos = shard_tokens, list(done), pos
         self.skip = sum(int(r["tokens"]) for r in done)
         self.ctx: tuple[int, dict[str, int]] = (0, {})
-        self._f = None
+        self._f, self._index, self._bg, self._pending = None, len(done), None, collections.deque()
 
-    def add(self, ids: np.ndarray, ends: np.ndarray) -> None:
-        """Append tokens; ``ends``: cumulative end offsets (within ``ids``) of the documents ending in them."""
+    def add(self, ids: np.ndarray, ends: np.ndarray, max_id: int | None = None,
+            src: tuple[int, int] | None = None) -> None:
+        """Append tokens; ``ends``: cumulative end offsets (within ``ids``) of the documents ending in them.
+        ``max_id``: the largest of ``ids`` when known. ``src``: (fd, byte offset) of ``ids`` in a file of
+        this dtype: the bytes are copied by the kernel (``os.copy_file_range``) instead of written."""
         start, self.pos = self.pos, self.pos + len(ids)
         if self.pos <= self.skip:
             return
-        if start < self.skip:
-            cut = self.skip - start
-            ids, ends = ids[cut:], ends[ends > cut] - cut
-        while len(ids):
+        off = max(self.skip - start, 0)   # tokens of ids already done
+        ends = ends[ends > off] - off
+        while off < len(ids):
             if self._f is None:
                 self._open()
-            piece = ids[: self.shard_tokens - self._count]
+            piece = ids[off: off + self.shard_tokens - self._count]
             k = int(np.searchsorted(ends, len(piece), side="right"))
             self._ends.append(ends[:k] + self._count)
-            ends, ids = ends[k:] - len(piece), ids[len(piece):]
+            ends = ends[k:] - len(piece)
             data = np.ascontiguousarray(piece.astype(self.dtype, copy=False))
-            self._f.write(memoryview(data).cast("B"))
-            self._hash.update(memoryview(data).cast("B"))
-            self._max = max(self._max, int(data.max()))
+            if src is not None:
+                _copy_range(src[0], self._f.fileno(), src[1] + off * self.dtype.itemsize, data.nbytes)
+            else:
+                _write_all(self._f, memoryview(data).cast("B"))
+            self._submit(self._hash.update, memoryview(data).cast("B"))
+            whole = max_id is not None and len(piece) == len(ids)
+            self._max = max(self._max, max_id if whole else int(data.max()))
             self._count += len(piece)
+            off += len(piece)
             if self._count == self.shard_tokens:
                 self._finish()
 
     def close(self) -> None:
+        """Finish the last (partial) shard and wait for the background work (its errors raise here)."""
         if self._f is not None and self._count:
             self._finish()
+        self.drain()
+
+    def drain(self, raise_errors: bool = True) -> None:
+        while self._pending:
+            fut = self._pending.popleft()
+            if raise_errors:
+                fut.result()
+            else:
+                fut.exception()
+        if self._bg is not None:
+            self._bg.shutdown(wait=True)
+            self._bg = None
+
+    def _submit(self, fn, *args) -> None:
+        if self._bg is None:
+            self._bg = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"prepare-{self.split}")
+        self._pending.append(self._bg.submit(fn, *args))
+        while self._pending and (len(self._pending) > self.MAX_PENDING or self._pending[0].done()):
+            self._pending.popleft().result()
 
     def _name(self) -> str:
-        return f"{self.prefix}-{len(self.done):05d}"
+        return f"{self.prefix}-{self._index:05d}"
 
     def _open(self) -> None:
         self._tmp = os.path.join(self.out, f".{self._name()}.bin.tmp")
-        self._f = open(self._tmp, "wb")
+        self._f = open(self._tmp, "wb", buffering=0)
         self._hash, self._count, self._max, self._ends = hashlib.sha256(), 0, -1, []
 
     def _finish(self) -> None:
-        name, f = self._name(), self._f
+        name = self._name()
+        ends = np.concatenate(self._ends).astype("<u8") if self._ends else np.zeros((0,), "<u8")
+        rec = {"file": name + ".bin", "split": self.split, "tokens": self._count, "documents": len(ends),
+               "max_id": self._max, "bytes": self._count * self.dtype.itemsize, "sha256": None,
+               "doc_ends": name + ".idx", "_item": self.ctx[0], "_before": dict(self.ctx[1])}
+        self._submit(self._finalize, self._f, self._tmp, self._hash, ends, rec)
+        self._f, self._index = None, self._index + 1
+
+    def _finalize(self, f, tmp: str, hasher, ends: np.ndarray, rec: dict) -> None:
+        """(background) fsync, the .idx, rename into place, then the sidecar that makes the shard count."""
         f.flush()
         os.fsync(f.fileno())
         f.close()
-        self._f = None
-        ends = np.concatenate(self._ends).astype("<u8") if self._ends else np.zeros((0,), "<u8")
-        with atomic_file(os.path.join(self.out, name + ".idx"), "wb") as g:
+        with atomic_file(os.path.join(self.out, rec["doc_ends"]), "wb") as g:
             g.write(ends.tobytes())
-        os.replace(self._tmp, os.path.join(self.out, name + ".bin"))
-        rec = {"file": name + ".bin", "split": self.split, "tokens": self._count, "documents": len(ends),
-               "max_id": self._max, "bytes": self._count * self.dtype.itemsize, "sha256": self._hash.hexdigest(),
-               "doc_ends": name + ".idx", "_item": self.ctx[0], "_before": self.ctx[1]}
-        write_json(os.path.join(self.out, STATE, name + ".json"), rec, indent=None)
+        os.replace(tmp, os.path.join(self.out, rec["file"]))
+        rec["sha256"] = hasher.hexdigest()
+        write_json(os.path.join(self.out, STATE, rec["file"][:-4] + ".json"), rec, indent=None)
         self.done.append(rec)
+
+
+def _write_all(f, buf: memoryview) -> None:
+    while len(buf):
+        buf = buf[f.write(buf):]
+
+
+def _copy_range(src_fd: int, dst_fd: int, offset: int, n: int) -> None:
+    """Copy ``n`` bytes of ``src_fd`` from ``offset`` to the end of ``dst_fd``, in the kernel."""
+    while n > 0:
+        done = os.copy_file_range(src_fd, dst_fd, n, offset)
+        if done <= 0:
+            raise OSError(f"copy_file_range copied nothing at offset {offset}")
+        offset, n = offset + done, n - done
 
 
 def _finished(out: str, prefix: str) -> list[dict]:
@@ -339,25 +390,60 @@ def _restart(done: dict[str, list[dict]]) -> tuple[int, dict[str, int]]:
     return best
 
 
+def _npy_source(path: str, dtype: np.dtype) -> int | None:
+    """The byte offset of a .npy file's data when its bytes are already the shard's (same dtype, C
+    order): then they are copied by the kernel, not through Python. None otherwise (cast in chunks)."""
+    try:
+        with open(path, "rb") as fh:
+            major, _ = np.lib.format.read_magic(fh)
+            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, fortran, src_dtype = read(fh)
+            offset = fh.tell()
+    except (OSError, ValueError):
+        return None
+    same = np.dtype(src_dtype) == dtype and (not fortran or len(shape) <= 1)
+    return offset if same and hasattr(os, "copy_file_range") else None
+
+
 def _copy_npy(item: Item, w: ShardWriter, tok: Tokenizer, bar) -> tuple[int, int]:
     """Stream a .npy file's ids into the writer in chunks (checked against the vocabulary, cast to the
     shard dtype), then EOS: one document. (tokens, documents)."""
     f = item.files[0]
     a = _open_npy(f.path)
     n = len(a)
-    for lo in range(0, n, NPY_CHUNK):
-        chunk = a[lo: lo + NPY_CHUNK]
-        hi_id = int(chunk.max())
-        lo_id = 0 if chunk.dtype.kind == "u" else int(chunk.min())
-        if lo_id < 0 or hi_id >= tok.vocab_size:
-            bad = hi_id if hi_id >= tok.vocab_size else lo_id
-            raise UserError(f"{f.path}: token id {bad} is outside the tokenizer's vocabulary [0, {tok.vocab_size}) "
-                            f"(--tokenizer {tok.name}): pass the tokenizer that made these ids")
-        w.add(chunk, np.zeros((0,), np.int64))
-        bar.update(len(chunk) * a.dtype.itemsize)
+    offset = _npy_source(f.path, w.dtype)
+    with open(f.path, "rb") as fh:
+        for lo in range(0, n, NPY_CHUNK):
+            chunk = a[lo: lo + NPY_CHUNK]
+            hi_id = int(chunk.max())
+            lo_id = 0 if chunk.dtype.kind == "u" else int(chunk.min())
+            if lo_id < 0 or hi_id >= tok.vocab_size:
+                bad = hi_id if hi_id >= tok.vocab_size else lo_id
+                raise UserError(f"{f.path}: token id {bad} is outside the tokenizer's vocabulary [0, {tok.vocab_size}) "
+                                f"(--tokenizer {tok.name}): pass the tokenizer that made these ids")
+            src = None if offset is None else (fh.fileno(), offset + lo * w.dtype.itemsize)
+            w.add(chunk, np.zeros((0,), np.int64), max_id=hi_id, src=src)
+            bar.update(len(chunk) * a.dtype.itemsize)
     if n:
         w.add(np.asarray([tok.eos_id], w.dtype), np.asarray([1], np.int64))
     return n + (1 if n else 0), 1 if n else 0
+
+
+def _feed(item: Item, res: dict | None, writers: dict[str, ShardWriter], job: dict, tok: Tokenizer,
+          bar) -> tuple[int, int]:
+    """Write one item's result (a worker's tokens, or the .npy copied here); (tokens, documents)."""
+    mode = job["mode"]
+    if res is None:
+        key = item.files[0].relpath
+        side = ("heldout" if is_heldout(key, job["heldout_fraction"]) else "train") if mode == "hash" else _side(mode)
+        return _copy_npy(item, writers[side], tok, bar)
+    tokens = 0
+    for side in ("train", "heldout"):
+        if res[side] is not None:
+            writers[side].add(*res[side])
+            tokens += len(res[side][0])
+    bar.update(item.nbytes)
+    return tokens, res["docs"]
 
 
 def _run(out: str, items: list[Item], job: dict, tok: Tokenizer, workers: int, progress: bool) -> dict[str, ShardWriter]:
@@ -373,34 +459,27 @@ def _run(out: str, items: list[Item], job: dict, tok: Tokenizer, workers: int, p
              for it in items[first:])
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
     t0, n_docs, n_tokens = time.perf_counter(), 0, 0
-    with pool or contextlib.nullcontext(), tqdm(
-            total=sum(it.nbytes for it in items), initial=sum(it.nbytes for it in items[:first]), unit="B",
-            unit_scale=True, unit_divisor=1024, desc="prepare", file=sys.stderr, disable=not progress,
-            mininterval=1.0, dynamic_ncols=True) as bar:
-        results = pool.imap(work, tasks) if pool else map(work, tasks)
-        for i, (item, res) in enumerate(zip(items[first:], results), start=first):
-            ctx = (i, {s: w.pos for s, w in writers.items()})
+    try:
+        with pool or contextlib.nullcontext(), tqdm(
+                total=sum(it.nbytes for it in items), initial=sum(it.nbytes for it in items[:first]), unit="B",
+                unit_scale=True, unit_divisor=1024, desc="prepare", file=sys.stderr, disable=not progress,
+                mininterval=1.0, dynamic_ncols=True) as bar:
+            results = pool.imap(work, tasks) if pool else map(work, tasks)
+            for i, (item, res) in enumerate(zip(items[first:], results), start=first):
+                ctx = (i, {s: w.pos for s, w in writers.items()})
+                for w in writers.values():
+                    w.ctx = ctx
+                tokens, docs = _feed(item, res, writers, job, tok, bar)
+                n_docs, n_tokens = n_docs + docs, n_tokens + tokens
+                bar.set_postfix_str(f"{n_docs:,} docs, {n_tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s",
+                                    refresh=False)
+            ctx = (len(items), {s: w.pos for s, w in writers.items()})
             for w in writers.values():
                 w.ctx = ctx
-            if res is None:
-                key = item.files[0].relpath
-                side = ("heldout" if is_heldout(key, job["heldout_fraction"]) else "train") if mode == "hash" \
-                    else _side(mode)
-                tokens, docs = _copy_npy(item, writers[side], tok, bar)
-            else:
-                tokens, docs = 0, res["docs"]
-                for side in ("train", "heldout"):
-                    if res[side] is not None:
-                        writers[side].add(*res[side])
-                        tokens += len(res[side][0])
-                bar.update(item.nbytes)
-            n_docs, n_tokens = n_docs + docs, n_tokens + tokens
-            bar.set_postfix_str(f"{n_docs:,} docs, {n_tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s",
-                                refresh=False)
-        ctx = (len(items), {s: w.pos for s, w in writers.items()})
+                w.close()
+    finally:  # on an error: let the background work end before anything is cleaned up
         for w in writers.values():
-            w.ctx = ctx
-            w.close()
+            w.drain(raise_errors=False)
     return writers
 
 
