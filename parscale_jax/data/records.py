@@ -23,6 +23,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from parscale_jax.data import mixture as MX
+from parscale_jax.data import prepare as PR
 from parscale_jax.data import shards as SH
 from parscale_jax.data.config import DataConfig
 from parscale_jax.data.sources import list_files
@@ -41,14 +42,14 @@ def is_prepared(path: str) -> bool:
     return os.path.isdir(path) and SH.is_dataset(path)
 
 
-def raw_key(cfg: DataConfig, tok: Tokenizer) -> str:
+def raw_key(cfg: DataConfig, tok: Tokenizer, id_limit: int | None = None) -> str:
     """The cache key of a raw source: O(number of files), no byte of them read."""
     files = []
     for f in list_files(cfg):
         st = os.stat(f.path)
         files.append([f.relpath, f.format, st.st_size, st.st_mtime_ns])
     blob = json.dumps([_PREPARED_KEY_VERSION, os.path.abspath(cfg.source) if cfg.source != "stdlib" else "stdlib",
-                       cfg.format, cfg.text_field, tok.fingerprint, float(cfg.heldout_fraction), files])
+                       cfg.format, cfg.text_field, tok.fingerprint, float(cfg.heldout_fraction), id_limit, files])
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
@@ -64,13 +65,14 @@ def _file_lock(path: str) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def prepared_dir(cfg: DataConfig, tok: Tokenizer | None = None, log=None) -> str:
+def prepared_dir(cfg: DataConfig, tok: Tokenizer | None = None, log=None, id_limit: int | None = None) -> str:
     """The prepared dataset of ``cfg.source``: the directory itself when it holds a manifest,
     else the cache entry of the raw source (prepared now if missing; ``tok``: ``cfg.tokenizer``
-    loaded, loaded here when None)."""
+    loaded, loaded here when None). ``id_limit``: check ``.npy`` ids against it (a model's
+    vocabulary) instead of the tokenizer's."""
     if is_prepared(cfg.source):
         return os.path.abspath(cfg.source)
-    key = raw_key(cfg, tok or load_tokenizer(cfg.tokenizer))
+    key = raw_key(cfg, tok or load_tokenizer(cfg.tokenizer), id_limit)
     root = cache_dir()
     if root is None:
         root = tempfile.mkdtemp(prefix="parscale-prepared-")
@@ -82,17 +84,22 @@ def prepared_dir(cfg: DataConfig, tok: Tokenizer | None = None, log=None) -> str
         if not is_prepared(out):
             if log:
                 log(f"preparing data source {cfg.source} into {out} (once)")
-            from parscale_jax.data import prepare as PR  # the writer: only when a raw source is new
-
             try:
+                limit = {"id_limit": id_limit} if id_limit and "id_limit" in _prepare_args() else {}
                 PR.prepare([cfg.source], out, cfg.tokenizer, workers=1, text_field=cfg.text_field,
-                           heldout_fraction=cfg.heldout_fraction)
+                           heldout_fraction=cfg.heldout_fraction, progress=log is not None, **limit)
             except UserError as e:
                 if "hold no documents" in str(e):
                     raise UserError(f"data source {cfg.source} is empty (no text or token ids in its files): "
                                     f"add data or point data.source elsewhere") from None
                 raise
     return out
+
+
+def _prepare_args() -> set[str]:
+    import inspect
+
+    return set(inspect.signature(PR.prepare).parameters)
 
 
 @dataclasses.dataclass
@@ -215,7 +222,7 @@ def eval_source(cfg: DataConfig, tok: Tokenizer | None, split: str, vocab_size: 
                         "(e.g. 0.05) or evaluate on another source")
     if split == "all" and not is_prepared(cfg.source):
         cfg = dataclasses.replace(cfg, heldout_fraction=0.0)
-    path = prepared_dir(cfg, tok, log)
+    path = prepared_dir(cfg, tok, log, id_limit=vocab_size)
     src = Source(cfg.source, path, SH.read_manifest(path), cfg.seq_len)
     if vocab_size is not None:
         check_vocab([src], vocab_size)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import mmap
 import os
 from typing import Any
 
@@ -181,6 +182,9 @@ class ShardStream:
             path = os.path.join(self.folder, s["file"])
             check_shard_file(path, int(s["bytes"]))
             m = self._maps[i] = np.memmap(path, dtype=self.dtype, mode="r", shape=(int(s["tokens"]),))
+            mm = getattr(m, "_mmap", None)  # records are read at random: no read-ahead around each page
+            if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+                mm.madvise(mmap.MADV_RANDOM)
         return m
 
     def read(self, start: int, stop: int) -> np.ndarray:
