@@ -200,6 +200,12 @@ def test_rerun_of_a_finished_dataset_returns_it_and_other_settings_are_refused(i
     assert again.fingerprint == m.fingerprint and files_of(m.dir) == before
     with pytest.raises(UserError, match="already holds a prepared dataset of other"):
         prepare([inputs["jsonl"]], str(tmp_path / "o"), "bytes", heldout_fraction=0.5, progress=False)
+    changed = tmp_path / "changed.txt"
+    changed.write_text("one")
+    prepare([str(changed)], str(tmp_path / "c"), "bytes", progress=False)
+    changed.write_text("two, longer")
+    with pytest.raises(UserError, match="input files changed since"):
+        prepare([str(changed)], str(tmp_path / "c"), "bytes", progress=False)
 
 
 # ---- inspect and bad input -------------------------------------------------------------------------
@@ -291,7 +297,8 @@ def test_kill_9_mid_run_and_rerun_gives_identical_output(inputs, tmp_path):
     ids = tmp_path / "ids.npy"   # first: the kills land while it is copied (shards of 97 of its 3000 ids)
     np.save(ids, np.random.default_rng(1).integers(0, 259, size=3000).astype(np.uint16))
     srcs = [str(ids), inputs["text"], inputs["jsonl"], inputs["parquet"]]
-    argv = ["prepare", "--input", *srcs, "--shard-tokens", "97", "--heldout-fraction", "0.3", "--no-progress"]
+    argv = ["prepare", "--input", *srcs, "--shard-tokens", "97", "--heldout-fraction", "0.3", "--no-progress",
+            "--tokenizer", "bytes", "--workers", "1"]
     ref = prepare(srcs, str(tmp_path / "ref"), "bytes", shard_tokens=97, heldout_fraction=0.3, progress=False)
     out = str(tmp_path / "out")
     env = dict(os.environ, PYTHONPATH=REPO)

@@ -212,7 +212,8 @@ def _docs(item: Item, field: str) -> list[tuple[str, str | bytes]]:
                 with open(f.path, "rb") as fh:
                     out.append((f.relpath, fh.read()))
             except OSError as e:
-                raise UserError(f"cannot read data file {f.path} ({e.strerror}): check the path and permissions") from None
+                raise UserError(f"cannot read data file {f.path} ({e.strerror}): check the path and "
+                                f"permissions") from None
         return out
     if item.kind == "jsonl":
         return [(u.key, u.text) for u in _jsonl_units(item.files[0], field)]
@@ -446,7 +447,8 @@ def _feed(item: Item, res: dict | None, writers: dict[str, ShardWriter], job: di
     return tokens, res["docs"]
 
 
-def _run(out: str, items: list[Item], job: dict, tok: Tokenizer, workers: int, progress: bool) -> dict[str, ShardWriter]:
+def _run(out: str, items: list[Item], job: dict, tok: Tokenizer, workers: int,
+         progress: bool) -> dict[str, ShardWriter]:
     """Tokenise the items (resuming after the shards an earlier run finished) into the writers."""
     mode, dtype = job["mode"], job["dtype"]
     prefixes = {"train": "stream"} if mode == "tokens" else {"train": "train", "heldout": "heldout"}
@@ -493,14 +495,14 @@ def _entry(r: dict, split: str | None = None) -> dict:
 
 def _write_whole(out: str, name: str, split: str, ids: np.ndarray, ends: np.ndarray) -> dict:
     """A shard written in one go (the two halves of a shard cut by the token-level split)."""
-    data = np.ascontiguousarray(ids)
+    data = memoryview(np.ascontiguousarray(ids)).cast("B")
     with atomic_file(os.path.join(out, name + ".idx"), "wb") as g:
         g.write(np.asarray(ends, "<u8").tobytes())
     with atomic_file(os.path.join(out, name + ".bin"), "wb") as g:
-        g.write(data.tobytes())
-    return {"file": name + ".bin", "split": split, "tokens": len(data), "documents": len(ends),
-            "max_id": int(data.max()) if len(data) else -1, "bytes": data.nbytes,
-            "sha256": hashlib.sha256(data.tobytes()).hexdigest(), "doc_ends": name + ".idx"}
+        g.write(data)
+    return {"file": name + ".bin", "split": split, "tokens": len(ids), "documents": len(ends),
+            "max_id": int(ids.max()) if len(ids) else -1, "bytes": data.nbytes,
+            "sha256": hashlib.sha256(data).hexdigest(), "doc_ends": name + ".idx"}
 
 
 def _cut(out: str, recs: list[dict], fraction: float, dtype: str) -> list[dict]:
@@ -555,9 +557,11 @@ def _job(inputs: Sequence[str], items: list[Item], tok: Tokenizer, spec: str, sh
 
 
 def _settings(job: dict) -> dict:
-    """The part of the job a finished manifest keeps (``prepare``): same settings = already prepared."""
+    """The part of the job a finished manifest keeps (``prepare``): same settings = already prepared.
+    ``files``: a digest of every input file's path, size and mtime (a changed input is not reused)."""
+    files = hashlib.sha256(json.dumps(job["files"], sort_keys=True).encode()).hexdigest()
     return {"inputs": job["inputs"], "tokenizer": job["tokenizer"]["fingerprint"], "shard_tokens": job["shard_tokens"],
-            "text_field": job["text_field"], "heldout_fraction": job["heldout_fraction"]}
+            "text_field": job["text_field"], "heldout_fraction": job["heldout_fraction"], "files": files}
 
 
 def _existing(out: str, job: dict) -> S.Manifest | bool:
@@ -573,8 +577,8 @@ def _existing(out: str, job: dict) -> S.Manifest | bool:
             _clean(out, {S.MANIFEST} | {s[k] for s in m.shards for k in ("file", "doc_ends")})
             shutil.rmtree(os.path.join(out, STATE), ignore_errors=True)
             return m
-        raise UserError(f"{out} already holds a prepared dataset of other inputs or settings: choose a new --out "
-                        f"or remove it")
+        raise UserError(f"{out} already holds a prepared dataset of other inputs or settings (or its input files "
+                        f"changed since): choose a new --out or remove it")
     try:
         with open(os.path.join(out, STATE, "job.json"), encoding="utf-8") as f:
             old = json.load(f)

@@ -145,7 +145,8 @@ def _jsonl_units(f: SourceFile, field: str) -> list[_Unit]:
             what = "not a JSON object" if not isinstance(obj, dict) else (
                 f"no field {field!r}" if field not in obj else f"field {field!r} is not a string")
             raise UserError(f"{f.path} line {lineno}: unreadable JSONL line ({what}): each line must be an "
-                            f"object with a string field {field!r} (set data.text_field or --text-field to change the field)")
+                            f"object with a string field {field!r} (set data.text_field or --text-field to change "
+                            f"the field)")
         units.append(_Unit(f"{f.relpath}:{lineno}", f, obj[field]))
     return units
 
