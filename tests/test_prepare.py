@@ -191,6 +191,18 @@ def test_npy_token_ids_are_copied_not_retokenised(tmp_path):
     with pytest.raises(UserError, match="token id 300 is outside"):
         prepare([str(tmp_path / "bad.npy")], str(tmp_path / "o2"), "bytes", progress=False)
     assert not os.path.exists(tmp_path / "o2")
+    # ids checked against a model's vocabulary instead (evaluation): 300 fits 384, 400 does not
+    m = prepare([str(tmp_path / "bad.npy")], str(tmp_path / "o3"), "bytes", heldout_fraction=0.0, id_limit=384,
+                progress=False)
+    assert split_stream(m, "train").tolist() == [1, 2, 300, EOS]
+    np.save(tmp_path / "bad.npy", np.asarray([400], np.int32))
+    with pytest.raises(UserError, match="token id 400 is outside the model's vocabulary"):
+        prepare([str(tmp_path / "bad.npy")], str(tmp_path / "o4"), "bytes", id_limit=384, progress=False)
+
+
+def test_format_overrides_the_extension(inputs, tmp_path):
+    m = prepare([inputs["jsonl"]], str(tmp_path / "o"), "bytes", heldout_fraction=0.0, fmt="text", progress=False)
+    assert np.array_equal(split_stream(m, "train"), byte_stream([open(inputs["jsonl"], "rb").read()]))
 
 
 def test_rerun_of_a_finished_dataset_returns_it_and_other_settings_are_refused(inputs, tmp_path):

@@ -21,7 +21,6 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
-import glob
 import hashlib
 import json
 import math
@@ -29,6 +28,7 @@ import multiprocessing
 import os
 import shutil
 import sys
+import threading
 import time
 from typing import Any, Iterator, Sequence
 
@@ -37,7 +37,8 @@ from tqdm import tqdm
 
 from parscale_jax.data import shards as S
 from parscale_jax.data.config import DataConfig
-from parscale_jax.data.sources import SourceFile, is_heldout, jsonl_lines, list_files, _jsonl_units
+from parscale_jax.data.sources import (SourceFile, _jsonl_units, arrow_batches, is_heldout, jsonl_lines, list_files,
+                                       parquet_file)
 from parscale_jax.data.tokenizer import Tokenizer, _utf8, encode_documents, load_tokenizer
 from parscale_jax.data.tokens import _open_npy
 from parscale_jax.errors import UserError
@@ -61,62 +62,18 @@ class Item:
 
 
 # ---- inputs -> work items -------------------------------------------------------------------------
-def _parquet(path: str, field: str):
-    import pyarrow.parquet as pq
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow raises ArrowInvalid / OSError subclasses
-        raise UserError(f"{path}: not a readable Parquet file ({' '.join(str(e).split())[:200]}): "
-                        f"check the file or leave it out") from None
-    _check_field(path, pf.schema_arrow, field)
-    return pf
-
-
-def _arrow_reader(src, path: str):
-    import pyarrow as pa
-    for opener in (pa.ipc.open_stream, pa.ipc.open_file):
-        try:
-            return opener(src)
-        except Exception:  # noqa: BLE001 - try the other IPC layout
-            src.seek(0)
-    raise UserError(f"{path}: not a readable Arrow file (IPC stream or file): check the file or leave it out")
-
-
-def _arrow_batches(path: str, field: str) -> Iterator:
-    import pyarrow as pa
-    with pa.memory_map(path) as src:
-        reader = _arrow_reader(src, path)
-        _check_field(path, reader.schema, field)
-        if hasattr(reader, "num_record_batches"):
-            for i in range(reader.num_record_batches):
-                yield reader.get_batch(i)
-        else:
-            yield from reader
-
-
-def _check_field(path: str, schema, field: str) -> None:
-    import pyarrow as pa
-    if field not in schema.names:
-        raise UserError(f"{path}: no column {field!r} (columns: {', '.join(schema.names)[:200]}): "
-                        f"pass --text-field with the column that holds the text")
-    t = schema.field(field).type
-    if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t)
-            or pa.types.is_large_binary(t)):
-        raise UserError(f"{path}: column {field!r} is {t}, not text: pass --text-field with the column that "
-                        f"holds the text")
-
-
-def _input_files(inputs: Sequence[str]) -> list[SourceFile]:
+def _input_files(inputs: Sequence[str], fmt: str = "auto") -> list[SourceFile]:
     if not inputs:
         raise UserError("no inputs: pass --input with files, directories, globs or 'stdlib'")
     files: list[SourceFile] = []
     for src in inputs:
-        files += list_files(DataConfig(source=src))
+        files += list_files(DataConfig(source=src, format=fmt))
     return files
 
 
-def plan(inputs: Sequence[str], text_field: str = "text") -> list[Item]:
-    """The work items of the inputs, in unit order (inputs as given, each in relative-path order)."""
+def plan(inputs: Sequence[str], text_field: str = "text", fmt: str = "auto") -> list[Item]:
+    """The work items of the inputs, in unit order (inputs as given, each in relative-path order).
+    ``fmt``: the format of every file ("auto": by extension; see ``DataConfig.format``)."""
     items: list[Item] = []
     group: list[SourceFile] = []
     gbytes = 0
@@ -128,7 +85,7 @@ def plan(inputs: Sequence[str], text_field: str = "text") -> list[Item]:
             group.clear()
             gbytes = 0
 
-    for f in _input_files(inputs):
+    for f in _input_files(inputs, fmt):
         size = os.path.getsize(f.path)
         if f.format == "text":
             group.append(f)
@@ -138,14 +95,14 @@ def plan(inputs: Sequence[str], text_field: str = "text") -> list[Item]:
             continue
         flush()
         if f.format == "parquet":
-            md = _parquet(f.path, text_field).metadata
+            md = parquet_file(f.path, text_field).metadata
             row0 = 0
             for g in range(md.num_row_groups):
                 n = md.row_group(g).num_rows
                 items.append(Item("parquet", (f,), g, row0, n, size * n // max(md.num_rows, 1)))
                 row0 += n
         elif f.format == "arrow":
-            rows = sum(b.num_rows for b in _arrow_batches(f.path, text_field))
+            rows = sum(b.num_rows for b in arrow_batches(f.path, text_field))
             items.append(Item("arrow", (f,), rows=rows, nbytes=size))
         elif f.format == "npy":
             _open_npy(f.path)  # the header: a bad file is an error before anything is written
@@ -197,9 +154,9 @@ def _tokenizer(spec: str) -> Tokenizer:
 def _column_docs(item: Item, field: str) -> list[tuple[str, str | bytes]]:
     f = item.files[0]
     if item.kind == "parquet":
-        col = _parquet(f.path, field).read_row_group(item.group, columns=[field]).column(0).to_pylist()
+        col = parquet_file(f.path, field).read_row_group(item.group, columns=[field]).column(0).to_pylist()
     else:
-        col = [v for b in _arrow_batches(f.path, field) for v in b.column(field).to_pylist()]
+        col = [v for b in arrow_batches(f.path, field) for v in b.column(field).to_pylist()]
     return [(f"{f.relpath}:{item.row0 + i}", v if v is not None else "") for i, v in enumerate(col)]
 
 
@@ -222,8 +179,10 @@ def _docs(item: Item, field: str) -> list[tuple[str, str | bytes]]:
 
 def work(args: tuple) -> dict[str, Any] | None:
     """Tokenise one item: per side ("train"/"heldout", or everything to ``mode``'s side) the ids of its
-    non-empty documents, each followed by EOS, and their end offsets. None for a .npy (copied by the writer)."""
-    item, spec, field, fraction, mode, dtype = args
+    non-empty documents, each followed by EOS, and their end offsets. None for a .npy (copied by the writer).
+    With a ``spool`` path (worker processes) the arrays go to files ``spool.SIDE.ids/.ends`` and the
+    result holds those paths: a pipe moves tens of MB/s, the page cache GB/s."""
+    item, spec, field, fraction, mode, dtype, spool = args
     if item.kind == "npy":
         return None
     tok = _tokenizer(spec)
@@ -237,7 +196,22 @@ def work(args: tuple) -> dict[str, Any] | None:
     out: dict[str, Any] = {"bytes": n_bytes, "docs": sum(len(v) for v in sides.values())}
     for side, docs in sides.items():
         out[side] = encode_documents(tok, docs, dtype) if docs else None
+        if out[side] is not None and spool:
+            paths = (f"{spool}.{side}.ids", f"{spool}.{side}.ends")
+            for a, path in zip(out[side], paths):
+                a.tofile(path)
+            out[side] = paths
     return out
+
+
+def _unspool(res: tuple, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """A worker's (ids, ends) back from its spool files (which are removed)."""
+    if not isinstance(res[0], str):
+        return res
+    ids, ends = np.fromfile(res[0], dtype=S.DTYPES[dtype]), np.fromfile(res[1], dtype=np.int64)
+    for path in res:
+        os.remove(path)
+    return ids, ends
 
 
 def _side(mode: str) -> str:
@@ -406,7 +380,7 @@ def _npy_source(path: str, dtype: np.dtype) -> int | None:
     return offset if same and hasattr(os, "copy_file_range") else None
 
 
-def _copy_npy(item: Item, w: ShardWriter, tok: Tokenizer, bar) -> tuple[int, int]:
+def _copy_npy(item: Item, w: ShardWriter, tok: Tokenizer, bar, id_limit: int | None = None) -> tuple[int, int]:
     """Stream a .npy file's ids into the writer in chunks (checked against the vocabulary, cast to the
     shard dtype), then EOS: one document. (tokens, documents)."""
     f = item.files[0]
@@ -418,9 +392,13 @@ def _copy_npy(item: Item, w: ShardWriter, tok: Tokenizer, bar) -> tuple[int, int
             chunk = a[lo: lo + NPY_CHUNK]
             hi_id = int(chunk.max())
             lo_id = 0 if chunk.dtype.kind == "u" else int(chunk.min())
-            if lo_id < 0 or hi_id >= tok.vocab_size:
-                bad = hi_id if hi_id >= tok.vocab_size else lo_id
-                raise UserError(f"{f.path}: token id {bad} is outside the tokenizer's vocabulary [0, {tok.vocab_size}) "
+            limit = id_limit or tok.vocab_size
+            if lo_id < 0 or hi_id >= limit:
+                bad = hi_id if hi_id >= limit else lo_id
+                if id_limit:
+                    raise UserError(f"{f.path}: token id {bad} is outside the model's vocabulary [0, {limit}): "
+                                    f"these ids were made for another model")
+                raise UserError(f"{f.path}: token id {bad} is outside the tokenizer's vocabulary [0, {limit}) "
                                 f"(--tokenizer {tok.name}): pass the tokenizer that made these ids")
             src = None if offset is None else (fh.fileno(), offset + lo * w.dtype.itemsize)
             w.add(chunk, np.zeros((0,), np.int64), max_id=hi_id, src=src)
@@ -437,14 +415,25 @@ def _feed(item: Item, res: dict | None, writers: dict[str, ShardWriter], job: di
     if res is None:
         key = item.files[0].relpath
         side = ("heldout" if is_heldout(key, job["heldout_fraction"]) else "train") if mode == "hash" else _side(mode)
-        return _copy_npy(item, writers[side], tok, bar)
+        return _copy_npy(item, writers[side], tok, bar, job["id_limit"])
     tokens = 0
     for side in ("train", "heldout"):
         if res[side] is not None:
-            writers[side].add(*res[side])
-            tokens += len(res[side][0])
+            ids, ends = _unspool(res[side], job["dtype"])
+            writers[side].add(ids, ends)
+            tokens += len(ids)
     bar.update(item.nbytes)
     return tokens, res["docs"]
+
+
+def _pool(workers: int):
+    """``workers`` processes (None for 1: in-process). Forked when this process has one thread and no JAX
+    (the command line: starts in milliseconds), else spawned (a trainer's threads must not be forked)."""
+    if workers <= 1:
+        return None
+    fork = (threading.active_count() == 1 and "jax" not in sys.modules
+            and "fork" in multiprocessing.get_all_start_methods())
+    return multiprocessing.get_context("fork" if fork else "spawn").Pool(workers)
 
 
 def _run(out: str, items: list[Item], job: dict, tok: Tokenizer, workers: int,
@@ -457,14 +446,16 @@ def _run(out: str, items: list[Item], job: dict, tok: Tokenizer, workers: int,
     writers = {s: ShardWriter(out, s, p, dtype, job["shard_tokens"], done[s], before[s]) for s, p in prefixes.items()}
     _clean(out, {n for w in writers.values() for r in w.done for n in (r["file"], r["doc_ends"])}
            | {STATE + "/" + r["file"][:-4] + ".json" for w in writers.values() for r in w.done} | {STATE + "/job.json"})
-    tasks = ((it, job["tokenizer"]["spec"], job["text_field"], job["heldout_fraction"], mode, dtype)
-             for it in items[first:])
-    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
+    spool = os.path.join(out, STATE, ".item-") if workers > 1 else None
+    tasks = ((items[i], job["tokenizer"]["spec"], job["text_field"], job["heldout_fraction"], mode, dtype,
+              spool and f"{spool}{i}") for i in range(first, len(items)))
+    pool = _pool(workers)
     t0, n_docs, n_tokens = time.perf_counter(), 0, 0
     try:
         with pool or contextlib.nullcontext(), tqdm(
                 total=sum(it.nbytes for it in items), initial=sum(it.nbytes for it in items[:first]), unit="B",
-                unit_scale=True, unit_divisor=1024, desc="prepare", file=sys.stderr, disable=not progress,
+                unit_scale=True, unit_divisor=1024, desc="prepare", file=sys.stderr,
+                disable=not progress or sum(it.nbytes for it in items) < 4 << 20,
                 mininterval=1.0, dynamic_ncols=True) as bar:
             results = pool.imap(work, tasks) if pool else map(work, tasks)
             for i, (item, res) in enumerate(zip(items[first:], results), start=first):
@@ -544,7 +535,7 @@ def _tokenizer_record(spec: str, tok: Tokenizer) -> dict:
 
 
 def _job(inputs: Sequence[str], items: list[Item], tok: Tokenizer, spec: str, shard_tokens: int,
-         text_field: str, fraction: float) -> dict:
+         text_field: str, fraction: float, fmt: str = "auto", id_limit: int | None = None) -> dict:
     """What a run writes is a function of this record (a resumed run must match it)."""
     files = {}
     for it in items:
@@ -552,7 +543,8 @@ def _job(inputs: Sequence[str], items: list[Item], tok: Tokenizer, spec: str, sh
             st = os.stat(f.path)
             files[f.path] = [st.st_size, st.st_mtime_ns]
     return {"version": S.VERSION, "inputs": list(inputs), "files": files, "tokenizer": _tokenizer_record(spec, tok),
-            "dtype": S.dtype_for(tok.vocab_size), "shard_tokens": shard_tokens, "text_field": text_field,
+            "dtype": S.dtype_for(max(tok.vocab_size, id_limit or 0)), "shard_tokens": shard_tokens,
+            "text_field": text_field, "format": fmt, "id_limit": id_limit,
             "heldout_fraction": float(fraction)}
 
 
@@ -561,7 +553,8 @@ def _settings(job: dict) -> dict:
     ``files``: a digest of every input file's path, size and mtime (a changed input is not reused)."""
     files = hashlib.sha256(json.dumps(job["files"], sort_keys=True).encode()).hexdigest()
     return {"inputs": job["inputs"], "tokenizer": job["tokenizer"]["fingerprint"], "shard_tokens": job["shard_tokens"],
-            "text_field": job["text_field"], "heldout_fraction": job["heldout_fraction"], "files": files}
+            "text_field": job["text_field"], "heldout_fraction": job["heldout_fraction"], "files": files,
+            "format": job["format"], "id_limit": job["id_limit"]}
 
 
 def _existing(out: str, job: dict) -> S.Manifest | bool:
@@ -613,8 +606,12 @@ def _manifest(out: str, writers: dict[str, ShardWriter], job: dict) -> dict:
 
 def prepare(inputs: Sequence[str], out_dir: str, tokenizer_spec: str = "bytes", workers: int = 1,
             shard_tokens: int = DEFAULT_SHARD_TOKENS, text_field: str = "text", heldout_fraction: float = 0.05,
-            progress: bool = True) -> S.Manifest:
+            progress: bool = True, fmt: str = "auto", id_limit: int | None = None) -> S.Manifest:
     """Tokenise ``inputs`` into a prepared dataset in ``out_dir`` (see the module doc); its manifest.
+
+    ``fmt``: the format of every input file (``DataConfig.format``; "auto": by extension).
+    ``id_limit``: check ``.npy`` ids against this vocabulary (a model's) instead of the tokenizer's.
+    The progress bar shows only for inputs of 4 MiB and more.
 
     Run again with the same arguments after a kill, it resumes; on a finished dataset of the same
     settings it returns at once. Bad input is a UserError before anything is written (or, found
@@ -627,8 +624,8 @@ def prepare(inputs: Sequence[str], out_dir: str, tokenizer_spec: str = "bytes", 
         raise UserError(f"--heldout-fraction {heldout_fraction} is invalid: use a fraction in [0, 1]")
     out = os.path.abspath(os.path.expanduser(out_dir))
     tok = load_tokenizer(tokenizer_spec)
-    items = plan(inputs, text_field)
-    job = _job(inputs, items, tok, tokenizer_spec, shard_tokens, text_field, heldout_fraction)
+    items = plan(inputs, text_field, fmt)
+    job = _job(inputs, items, tok, tokenizer_spec, shard_tokens, text_field, heldout_fraction, fmt, id_limit)
     state = _existing(out, job)
     if isinstance(state, S.Manifest):
         return state

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import sysconfig
+from typing import Iterator
 
 from parscale_jax.data.config import DataConfig
 from parscale_jax.data.tokenizer import _utf8
@@ -192,3 +193,50 @@ def split_files(cfg: DataConfig) -> tuple[list[str], list[str]]:
     s = split_units(cfg)
     return [u.key for u in s.train], [u.key for u in s.heldout]
 
+
+# ---- columnar files (Parquet; Arrow files of a `datasets` folder saved with save_to_disk) ----------------
+def parquet_file(path: str, field: str):
+    """A pyarrow ParquetFile whose column ``field`` holds text (else a UserError)."""
+    import pyarrow.parquet as pq
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid / OSError subclasses
+        raise UserError(f"{path}: not a readable Parquet file ({' '.join(str(e).split())[:200]}): "
+                        f"check the file or leave it out") from None
+    _check_field(path, pf.schema_arrow, field)
+    return pf
+
+
+def _arrow_reader(src, path: str):
+    import pyarrow as pa
+    for opener in (pa.ipc.open_stream, pa.ipc.open_file):
+        try:
+            return opener(src)
+        except Exception:  # noqa: BLE001 - try the other IPC layout
+            src.seek(0)
+    raise UserError(f"{path}: not a readable Arrow file (IPC stream or file): check the file or leave it out")
+
+
+def arrow_batches(path: str, field: str) -> Iterator:
+    """The record batches of an Arrow IPC file (a `datasets` folder's data files) with a text column ``field``."""
+    import pyarrow as pa
+    with pa.memory_map(path) as src:
+        reader = _arrow_reader(src, path)
+        _check_field(path, reader.schema, field)
+        if hasattr(reader, "num_record_batches"):
+            for i in range(reader.num_record_batches):
+                yield reader.get_batch(i)
+        else:
+            yield from reader
+
+
+def _check_field(path: str, schema, field: str) -> None:
+    import pyarrow as pa
+    if field not in schema.names:
+        raise UserError(f"{path}: no column {field!r} (columns: {', '.join(schema.names)[:200]}): "
+                        f"pass --text-field with the column that holds the text")
+    t = schema.field(field).type
+    if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t)
+            or pa.types.is_large_binary(t)):
+        raise UserError(f"{path}: column {field!r} is {t}, not text: pass --text-field with the column that "
+                        f"holds the text")
