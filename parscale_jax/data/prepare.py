@@ -256,9 +256,9 @@ class ShardWriter:
             ends = ends[k:] - len(piece)
             data = np.ascontiguousarray(piece.astype(self.dtype, copy=False))
             if src is not None:
-                _copy_range(src[0], self._f.fileno(), src[1] + off * self.dtype.itemsize, data.nbytes)
+                S.copy_range(src[0], self._f.fileno(), src[1] + off * self.dtype.itemsize, data.nbytes)
             else:
-                _write_all(self._f, memoryview(data).cast("B"))
+                S.write_all(self._f, memoryview(data).cast("B"))
             self._submit(self._hash.update, memoryview(data).cast("B"))
             whole = max_id is not None and len(piece) == len(ids)
             self._max = max(self._max, max_id if whole else int(data.max()))
@@ -319,20 +319,6 @@ class ShardWriter:
         rec["sha256"] = hasher.hexdigest()
         write_json(os.path.join(self.out, STATE, rec["file"][:-4] + ".json"), rec, indent=None)
         self.done.append(rec)
-
-
-def _write_all(f, buf: memoryview) -> None:
-    while len(buf):
-        buf = buf[f.write(buf):]
-
-
-def _copy_range(src_fd: int, dst_fd: int, offset: int, n: int) -> None:
-    """Copy ``n`` bytes of ``src_fd`` from ``offset`` to the end of ``dst_fd``, in the kernel."""
-    while n > 0:
-        done = os.copy_file_range(src_fd, dst_fd, n, offset)
-        if done <= 0:
-            raise OSError(f"copy_file_range copied nothing at offset {offset}")
-        offset, n = offset + done, n - done
 
 
 def _finished(out: str, prefix: str) -> list[dict]:

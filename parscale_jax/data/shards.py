@@ -250,3 +250,19 @@ def summary(manifest: Manifest) -> dict[str, Any]:
             "splits": {sp: {"tokens": manifest.split_tokens(sp), "documents": manifest.split_documents(sp),
                             "shards": len(manifest.shards_of(sp))} for sp in SPLITS},
             "fingerprint": manifest.fingerprint}
+
+
+# ---- writing (used by prepare) ----------------------------------------------------------------
+def write_all(f, buf: memoryview) -> None:
+    """Write all of ``buf`` to an unbuffered file (``write`` may write less than asked)."""
+    while len(buf):
+        buf = buf[f.write(buf):]
+
+
+def copy_range(src_fd: int, dst_fd: int, offset: int, n: int) -> None:
+    """Copy ``n`` bytes of ``src_fd`` from ``offset`` to the end of ``dst_fd``, in the kernel."""
+    while n > 0:
+        done = os.copy_file_range(src_fd, dst_fd, n, offset)
+        if done <= 0:
+            raise OSError(f"copy_file_range copied nothing at offset {offset}")
+        offset, n = offset + done, n - done
