@@ -413,12 +413,12 @@ def _feed(item: Item, res: dict | None, writers: dict[str, ShardWriter], job: di
 
 
 def _pool(workers: int):
-    """``workers`` processes (None for 1: in-process). Forked when this process has one thread and no JAX
-    (the command line: starts in milliseconds), else spawned (a trainer's threads must not be forked)."""
+    """``workers`` processes (None for 1: in-process). Forked when this process runs no other thread (but
+    tqdm's idle monitor) and no JAX (the command line: starts in milliseconds), else spawned."""
     if workers <= 1:
         return None
-    fork = (threading.active_count() == 1 and "jax" not in sys.modules
-            and "fork" in multiprocessing.get_all_start_methods())
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and t.name != "tqdm_monitor"]
+    fork = not others and "jax" not in sys.modules and "fork" in multiprocessing.get_all_start_methods()
     return multiprocessing.get_context("fork" if fork else "spawn").Pool(workers)
 
 
