@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import shutil
 import statistics
@@ -125,6 +126,19 @@ def bench_npy(workdir: str, n_tokens: int, repeats: int) -> dict:
             "ratio_vs_cp": med["prepare"] / med["cp"], "ratio_vs_cp_sync": med["prepare"] / med["cp + sync"]}
 
 
+def _part(load_start: list) -> dict:
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "git_commit": B._git_commit(),
+            "load_average_start": load_start, "load_average_end": [round(x, 2) for x in os.getloadavg()]}
+
+
+def _previous(name: str) -> dict:
+    try:
+        with open(os.path.join(B.RESULTS, name + ".json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (results go to data_prepare_quick.*)")
@@ -136,9 +150,21 @@ def main() -> int:
     workdir = os.path.abspath(args.workdir or os.path.join(B.ROOT, "bench", ".data_prepare"))
     os.makedirs(workdir, exist_ok=True)
     n_tokens = int(args.npy_tokens or (2e8 if args.quick else 4e9))
-    start_load = [round(x, 2) for x in os.getloadavg()]
-    text = [] if args.skip == "text" else bench_text(workdir, args.repeats or (1 if args.quick else 3), args.quick)
-    npy = None if args.skip == "npy" else bench_npy(workdir, n_tokens, args.repeats or (1 if args.quick else 2))
+    name = "data_prepare_quick" if args.quick else "data_prepare"
+    old = _previous(name) if args.skip else {}   # a part left out keeps its previous results
+    parts = dict(old.get("parts") or {k: {"date": old["env"]["date"], "git_commit": old["env"]["git_commit"],
+                                          "load_average_start": old.get("load_average_start"),
+                                          "load_average_end": old["env"]["load_average_1_5_15"]}
+                                      for k in ("text", "npy") if old.get(k)})
+    text, npy = old.get("text", []), old.get("npy")
+    if args.skip != "text":
+        load0 = [round(x, 2) for x in os.getloadavg()]
+        text = bench_text(workdir, args.repeats or (1 if args.quick else 3), args.quick)
+        parts["text"] = _part(load0)
+    if args.skip != "npy":
+        load0 = [round(x, 2) for x in os.getloadavg()]
+        npy = bench_npy(workdir, n_tokens, args.repeats or (1 if args.quick else 2))
+        parts["npy"] = _part(load0)
     body = ["## Text (input MiB/s, median of round-robin runs)\n", B.md_table(
         ["input", "tokenizer", "workers", "input MiB", "tokens", "median s", "MiB/s", "tokens/s"],
         [[r["input"], r["tokenizer"], r["workers"], f"{r['input_MiB']:.1f}", f"{r['tokens']:,}",
@@ -151,9 +177,10 @@ def main() -> int:
                              for k, v in npy["median_s"].items()], "lrl"),
                  f"\nprepare / cp = **{npy['ratio_vs_cp']:.2f}x**; prepare / (cp + sync) = "
                  f"**{npy['ratio_vs_cp_sync']:.2f}x** (prepare fsyncs every shard; cp alone leaves dirty pages).\n"]
-    body.append(f"\nLoad average at the start {start_load} (shared 2-core machine): compare ratios within one run.")
-    name = "data_prepare_quick" if args.quick else "data_prepare"
-    paths = B.write_results(name, {"text": text, "npy": npy, "load_average_start": start_load}, "\n".join(body),
+    body.append("\nEach part's run (shared 2-core machine; compare ratios within one part): " + "; ".join(
+        f"{k}: {v['date']}, commit {v['git_commit']}, load average {v['load_average_start']} -> "
+        f"{v['load_average_end']}" for k, v in parts.items()))
+    paths = B.write_results(name, {"text": text, "npy": npy, "parts": parts}, "\n".join(body),
                             "prepare throughput (python -m parscale_jax.data prepare)")
     B.log("wrote " + ", ".join(paths))
     return 0

@@ -419,7 +419,12 @@ def _pool(workers: int):
         return None
     others = [t for t in threading.enumerate() if t is not threading.main_thread() and t.name != "tqdm_monitor"]
     fork = not others and "jax" not in sys.modules and "fork" in multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if fork else "spawn").Pool(workers)
+    return multiprocessing.get_context("fork" if fork else "spawn").Pool(workers, initializer=_one_thread)
+
+
+def _one_thread() -> None:
+    """(worker process) one tokenising thread per worker: --workers sets the parallelism."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
 def _run(out: str, items: list[Item], job: dict, tok: Tokenizer, workers: int,
