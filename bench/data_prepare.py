@@ -123,7 +123,8 @@ def bench_npy(workdir: str, n_tokens: int, repeats: int) -> dict:
     med = {k: statistics.median(v) for k, v in runs.items()}
     return {"tokens": n_tokens, "file_GiB": os.path.getsize(src) / 2**30, "sparse_source": True,
             "shards": len(m.shards), "seconds": runs, "median_s": med,
-            "ratio_vs_cp": med["prepare"] / med["cp"], "ratio_vs_cp_sync": med["prepare"] / med["cp + sync"]}
+            "ratio_vs_cp": med["prepare"] / med["cp"], "ratio_vs_cp_sync": med["prepare"] / med["cp + sync"],
+            "pair_ratios_vs_cp": [p / c for p, c in zip(runs["prepare"], runs["cp"])]}
 
 
 def _part(load_start: list) -> dict:
@@ -176,7 +177,9 @@ def main() -> int:
                             [[k, f"{v:.1f}", ", ".join(f"{x:.1f}" for x in npy["seconds"][k])]
                              for k, v in npy["median_s"].items()], "lrl"),
                  f"\nprepare / cp = **{npy['ratio_vs_cp']:.2f}x**; prepare / (cp + sync) = "
-                 f"**{npy['ratio_vs_cp_sync']:.2f}x** (prepare fsyncs every shard; cp alone leaves dirty pages).\n"]
+                 f"**{npy['ratio_vs_cp_sync']:.2f}x** (prepare fsyncs every shard; cp alone leaves dirty pages). "
+                 f"Each round's prepare / cp: "
+                 f"{', '.join(f'{r:.2f}x' for r in npy.get('pair_ratios_vs_cp', []))}.\n"]
     body.append("\nEach part's run (shared 2-core machine; compare ratios within one part): " + "; ".join(
         f"{k}: {v['date']}, commit {v['git_commit']}, load average {v['load_average_start']} -> "
         f"{v['load_average_end']}" for k, v in parts.items()))

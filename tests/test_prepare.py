@@ -200,6 +200,15 @@ def test_npy_token_ids_are_copied_not_retokenised(tmp_path):
         prepare([str(tmp_path / "bad.npy")], str(tmp_path / "o4"), "bytes", id_limit=384, progress=False)
 
 
+def test_a_saved_dataset_dict_is_its_splits_in_name_order(tmp_path):
+    import datasets
+
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["a", "bc"]}),
+                          "test": datasets.Dataset.from_dict({"text": ["xyz"]})}).save_to_disk(str(tmp_path / "dd"))
+    m = prepare([str(tmp_path / "dd")], str(tmp_path / "o"), "bytes", heldout_fraction=0.0, progress=False)
+    assert np.array_equal(split_stream(m, "train"), byte_stream(["xyz", "a", "bc"]))   # no metadata .json read
+
+
 def test_format_overrides_the_extension(inputs, tmp_path):
     m = prepare([inputs["jsonl"]], str(tmp_path / "o"), "bytes", heldout_fraction=0.0, fmt="text", progress=False)
     assert np.array_equal(split_stream(m, "train"), byte_stream([open(inputs["jsonl"], "rb").read()]))

@@ -99,8 +99,10 @@ def list_files(cfg: DataConfig) -> list[SourceFile]:
     files = []
     arrow_dirs = {os.path.dirname(os.path.abspath(p)) for p in paths if p.lower().endswith(".arrow")}
     for p in paths:
-        if os.path.basename(p) in DATASETS_METADATA and os.path.dirname(os.path.abspath(p)) in arrow_dirs:
-            continue  # the metadata of a `datasets` folder saved with save_to_disk: its rows are in the .arrow files
+        folder = os.path.dirname(os.path.abspath(p))
+        if os.path.basename(p) in DATASETS_METADATA and any(d == folder or d.startswith(folder + os.sep)
+                                                            for d in arrow_dirs):
+            continue  # the metadata of a `datasets` folder (or DatasetDict) saved with save_to_disk
         p = os.path.abspath(p)
         rel = os.path.relpath(p, root).replace(os.sep, "/")
         files.append(SourceFile(p, rel, _format_of(p, cfg.format)))
