@@ -210,8 +210,11 @@ def test_bad_input_one_line(three, tmp_path):
     cut = write_dataset(tmp_path / "cut", tagged(0, 300), shard_tokens=1000)
     with open(Path(cut) / "train-00001.bin", "r+b") as f:
         f.truncate(100)
-    cut_it = D.train_iterator(D.DataConfig(source=cut, seq_len=SEQ, prefetch=0), None, 300)
-    cases.append((lambda: next(cut_it), r"train-00001.bin has 100 bytes, the manifest says 2000"))
+    cases.append((lambda: D.train_iterator(D.DataConfig(source=cut, seq_len=SEQ, prefetch=0), None, 300),
+                  r"train-00001.bin has 100 bytes, the manifest says 2000"))
+    (Path(cut) / "train-00001.bin").unlink()
+    cases.append((lambda: D.train_iterator(D.DataConfig(source=cut, seq_len=SEQ, prefetch=0), None, 300),
+                  r"train-00001.bin is missing"))
     for fn, pat in cases:
         with pytest.raises(UserError, match=pat) as e:
             fn()

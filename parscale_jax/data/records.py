@@ -173,6 +173,9 @@ def open_sources(cfg: DataConfig, tok: Tokenizer | None = None, log=None) -> tup
                             f"(python -m parscale_jax.data prepare ...), a file, directory or glob")
         path = prepared_dir(_with_source(cfg, name), tok, log)
         out.append(Source(name, path, SH.read_manifest(path), cfg.seq_len))
+    for s in out:  # every shard there with its manifest size: a stat each, no byte read
+        for sh in s.manifest.shards:
+            SH.check_shard_file(os.path.join(s.path, sh["file"]), int(sh["bytes"]))
     fps = {s.tokenizer_info.get("fingerprint") for s in out}
     if len(fps) > 1:
         raise UserError(f"the mixture's sources were prepared with different tokenizers ({', '.join(sorted(map(str, fps)))}): "
