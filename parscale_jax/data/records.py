@@ -85,21 +85,14 @@ def prepared_dir(cfg: DataConfig, tok: Tokenizer | None = None, log=None, id_lim
             if log:
                 log(f"preparing data source {cfg.source} into {out} (once)")
             try:
-                limit = {"id_limit": id_limit} if id_limit and "id_limit" in _prepare_args() else {}
-                PR.prepare([cfg.source], out, cfg.tokenizer, workers=1, text_field=cfg.text_field,
-                           heldout_fraction=cfg.heldout_fraction, progress=log is not None, **limit)
+                PR.prepare([cfg.source], out, cfg.tokenizer, workers=1, text_field=cfg.text_field, fmt=cfg.format,
+                           heldout_fraction=cfg.heldout_fraction, progress=log is not None, id_limit=id_limit)
             except UserError as e:
                 if "hold no documents" in str(e):
                     raise UserError(f"data source {cfg.source} is empty (no text or token ids in its files): "
                                     f"add data or point data.source elsewhere") from None
                 raise
     return out
-
-
-def _prepare_args() -> set[str]:
-    import inspect
-
-    return set(inspect.signature(PR.prepare).parameters)
 
 
 @dataclasses.dataclass
