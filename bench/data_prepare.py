@@ -19,6 +19,7 @@ import argparse
 import glob
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -34,13 +35,19 @@ from parscale_jax.data.prepare import plan, prepare
 from parscale_jax.data.sources import stdlib_root
 
 
-def _timed_prepare(inputs, out, tokenizer, workers, **kw) -> tuple[float, S.Manifest]:
+def _cpu(who=resource.RUSAGE_SELF) -> float:
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime
+
+
+def _timed_prepare(inputs, out, tokenizer, workers, **kw) -> tuple[float, S.Manifest, float]:
+    """(wall s, manifest, CPU s of this process's threads: in-process runs only)."""
     shutil.rmtree(out, ignore_errors=True)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), _cpu()
     m = prepare(inputs, out, tokenizer, workers=workers, progress=False, **kw)
-    dt = time.perf_counter() - t
+    dt, cpu = time.perf_counter() - t, _cpu() - c
     shutil.rmtree(out, ignore_errors=True)
-    return dt, m
+    return dt, m, cpu
 
 
 def _bpe(workdir: str, sample: list[str]) -> str:
@@ -74,7 +81,7 @@ def bench_text(workdir: str, repeats: int, quick: bool) -> list[dict]:
         times: dict[int, list[float]] = {1: [], 2: []}
         for r in range(repeats):
             for w in (1, 2):
-                dt, m = _timed_prepare(inputs, os.path.join(workdir, "text-out"), tok, w)
+                dt, m, _ = _timed_prepare(inputs, os.path.join(workdir, "text-out"), tok, w)
                 times[w].append(dt)
                 B.log(f"{name} {os.path.basename(os.path.dirname(tok)) if tok != 'bytes' else tok} workers={w}: "
                       f"{dt:.2f} s")
@@ -87,16 +94,17 @@ def bench_text(workdir: str, repeats: int, quick: bool) -> list[dict]:
     return rows
 
 
-def _cp(src: str, dst: str, durable: bool) -> float:
+def _cp(src: str, dst: str, durable: bool) -> tuple[float, float]:
+    """(wall s, CPU s of cp [+ sync])."""
     if os.path.exists(dst):
         os.remove(dst)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), _cpu(resource.RUSAGE_CHILDREN)
     subprocess.run(["cp", "--sparse=never", src, dst], check=True)
     if durable:
         subprocess.run(["sync", dst], check=True)
-    dt = time.perf_counter() - t
+    dt, cpu = time.perf_counter() - t, _cpu(resource.RUSAGE_CHILDREN) - c
     os.remove(dst)
-    return dt
+    return dt, cpu
 
 
 def bench_npy(workdir: str, n_tokens: int, repeats: int) -> dict:
@@ -110,26 +118,30 @@ def bench_npy(workdir: str, n_tokens: int, repeats: int) -> dict:
     if shutil.disk_usage(workdir).free < need:
         raise SystemExit(f"not enough disk in {workdir} for {n_tokens} tokens: pass a smaller --npy-tokens")
     runs: dict[str, list[float]] = {"cp": [], "cp + sync": [], "prepare": []}
+    cpu: dict[str, list[float]] = {"cp": [], "cp + sync": [], "prepare": []}
     out = os.path.join(workdir, "npy-out")
     for r in range(repeats):
         subprocess.run(["sync"], check=True)
-        runs["cp"].append(_cp(src, os.path.join(workdir, "copy.npy"), durable=False))
-        subprocess.run(["sync"], check=True)
-        runs["cp + sync"].append(_cp(src, os.path.join(workdir, "copy.npy"), durable=True))
-        subprocess.run(["sync"], check=True)
-        dt, m = _timed_prepare([src], out, "bytes", 1)
+        for name, durable in (("cp", False), ("cp + sync", True)):
+            dt, c = _cp(src, os.path.join(workdir, "copy.npy"), durable=durable)
+            runs[name].append(dt)
+            cpu[name].append(c)
+            subprocess.run(["sync"], check=True)
+        dt, m, c = _timed_prepare([src], out, "bytes", 1)
         runs["prepare"].append(dt)
+        cpu["prepare"].append(c)
         B.log(f"npy {n_tokens:,} tokens, repeat {r}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in runs.items()))
     med = {k: statistics.median(v) for k, v in runs.items()}
     return {"tokens": n_tokens, "file_GiB": os.path.getsize(src) / 2**30, "sparse_source": True,
-            "shards": len(m.shards), "seconds": runs, "median_s": med,
+            "shards": len(m.shards), "seconds": runs, "median_s": med, "cpu_seconds": cpu,
             "ratio_vs_cp": med["prepare"] / med["cp"], "ratio_vs_cp_sync": med["prepare"] / med["cp + sync"],
             "pair_ratios_vs_cp": [p / c for p, c in zip(runs["prepare"], runs["cp"])]}
 
 
 def _part(load_start: list) -> dict:
     return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "git_commit": B._git_commit(),
-            "load_average_start": load_start, "load_average_end": [round(x, 2) for x in os.getloadavg()]}
+            "load_average_start": load_start, "load_average_end": [round(x, 2) for x in os.getloadavg()],
+            "niceness": os.nice(0)}
 
 
 def _previous(name: str) -> dict:
@@ -173,16 +185,17 @@ def main() -> int:
     if npy:
         body += [f"\n## .npy conversion: {npy['tokens']:,} uint16 ids ({npy['file_GiB']:.2f} GiB, sparse source) "
                  f"into {npy['shards']} shards\n",
-                 B.md_table(["", "median s", "runs (s)"],
-                            [[k, f"{v:.1f}", ", ".join(f"{x:.1f}" for x in npy["seconds"][k])]
-                             for k, v in npy["median_s"].items()], "lrl"),
+                 B.md_table(["", "median s", "runs (s)", "CPU s (user + sys)"],
+                            [[k, f"{v:.1f}", ", ".join(f"{x:.1f}" for x in npy["seconds"][k]),
+                              ", ".join(f"{x:.1f}" for x in npy.get("cpu_seconds", {}).get(k, []))]
+                             for k, v in npy["median_s"].items()], "lrll"),
                  f"\nprepare / cp = **{npy['ratio_vs_cp']:.2f}x**; prepare / (cp + sync) = "
                  f"**{npy['ratio_vs_cp_sync']:.2f}x** (prepare fsyncs every shard; cp alone leaves dirty pages). "
                  f"Each round's prepare / cp: "
                  f"{', '.join(f'{r:.2f}x' for r in npy.get('pair_ratios_vs_cp', []))}.\n"]
     body.append("\nEach part's run (shared 2-core machine; compare ratios within one part): " + "; ".join(
         f"{k}: {v['date']}, commit {v['git_commit']}, load average {v['load_average_start']} -> "
-        f"{v['load_average_end']}" for k, v in parts.items()))
+        f"{v['load_average_end']}, niceness {v.get('niceness', 10)}" for k, v in parts.items()))
     paths = B.write_results(name, {"text": text, "npy": npy, "parts": parts}, "\n".join(body),
                             "prepare throughput (python -m parscale_jax.data prepare)")
     B.log("wrote " + ", ".join(paths))

@@ -191,6 +191,10 @@ def test_npy_token_ids_are_copied_not_retokenised(tmp_path):
     with pytest.raises(UserError, match="token id 300 is outside"):
         prepare([str(tmp_path / "bad.npy")], str(tmp_path / "o2"), "bytes", progress=False)
     assert not os.path.exists(tmp_path / "o2")
+    np.save(tmp_path / "bad16.npy", np.asarray([1, 2, 259], np.uint16))   # the kernel-copy path checks too
+    with pytest.raises(UserError, match="token id 259 is outside"):
+        prepare([str(tmp_path / "bad16.npy")], str(tmp_path / "o2"), "bytes", progress=False)
+    assert not os.path.exists(tmp_path / "o2")
     # ids checked against a model's vocabulary instead (evaluation): 300 fits 384, 400 does not
     m = prepare([str(tmp_path / "bad.npy")], str(tmp_path / "o3"), "bytes", heldout_fraction=0.0, id_limit=384,
                 progress=False)

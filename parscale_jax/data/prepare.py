@@ -40,7 +40,7 @@ from parscale_jax.data.config import DataConfig
 from parscale_jax.data.sources import (SourceFile, _jsonl_units, arrow_batches, is_heldout, jsonl_lines, list_files,
                                        parquet_file)
 from parscale_jax.data.tokenizer import Tokenizer, _utf8, encode_documents, load_tokenizer
-from parscale_jax.data.tokens import _open_npy
+from parscale_jax.data.tokens import _open_npy, npy_raw_offset
 from parscale_jax.errors import UserError
 from parscale_jax.fileio import atomic_file, write_json
 
@@ -237,10 +237,10 @@ class ShardWriter:
         self.ctx: tuple[int, dict[str, int]] = (0, {})
         self._f, self._index, self._bg, self._pending = None, len(done), None, collections.deque()
 
-    def add(self, ids: np.ndarray, ends: np.ndarray, max_id: int | None = None,
-            src: tuple[int, int] | None = None) -> None:
+    def add(self, ids: np.ndarray, ends: np.ndarray, check=None, src: tuple[int, int] | None = None) -> None:
         """Append tokens; ``ends``: cumulative end offsets (within ``ids``) of the documents ending in them.
-        ``max_id``: the largest of ``ids`` when known. ``src``: (fd, byte offset) of ``ids`` in a file of
+        ``check(lo, hi)``: called (in the background) with each piece's smallest and largest id, raises on
+        bad ids (a .npy against the vocabulary). ``src``: (fd, byte offset) of ``ids`` in a file of
         this dtype: the bytes are copied by the kernel (``os.copy_file_range``) instead of written."""
         start, self.pos = self.pos, self.pos + len(ids)
         if self.pos <= self.skip:
@@ -259,9 +259,7 @@ class ShardWriter:
                 S.copy_range(src[0], self._f.fileno(), src[1] + off * self.dtype.itemsize, data.nbytes)
             else:
                 S.write_all(self._f, memoryview(data).cast("B"))
-            self._submit(self._hash.update, memoryview(data).cast("B"))
-            whole = max_id is not None and len(piece) == len(ids)
-            self._max = max(self._max, max_id if whole else int(data.max()))
+            self._submit(_digest, self._state, data, check)
             self._count += len(piece)
             off += len(piece)
             if self._count == self.shard_tokens:
@@ -297,28 +295,46 @@ class ShardWriter:
     def _open(self) -> None:
         self._tmp = os.path.join(self.out, f".{self._name()}.bin.tmp")
         self._f = open(self._tmp, "wb", buffering=0)
-        self._hash, self._count, self._max, self._ends = hashlib.sha256(), 0, -1, []
+        self._state, self._count, self._ends = {"sha": hashlib.sha256(), "max": -1}, 0, []
 
     def _finish(self) -> None:
         name = self._name()
         ends = np.concatenate(self._ends).astype("<u8") if self._ends else np.zeros((0,), "<u8")
         rec = {"file": name + ".bin", "split": self.split, "tokens": self._count, "documents": len(ends),
-               "max_id": self._max, "bytes": self._count * self.dtype.itemsize, "sha256": None,
+               "max_id": None, "bytes": self._count * self.dtype.itemsize, "sha256": None,
                "doc_ends": name + ".idx", "_item": self.ctx[0], "_before": dict(self.ctx[1])}
-        self._submit(self._finalize, self._f, self._tmp, self._hash, ends, rec)
+        self._submit(self._finalize, self._f, self._tmp, self._state, ends, rec)
         self._f, self._index = None, self._index + 1
 
-    def _finalize(self, f, tmp: str, hasher, ends: np.ndarray, rec: dict) -> None:
+    def _finalize(self, f, tmp: str, state: dict, ends: np.ndarray, rec: dict) -> None:
         """(background) fsync, the .idx, rename into place, then the sidecar that makes the shard count."""
+        if state.get("failed"):
+            f.close()
+            return
         f.flush()
         os.fsync(f.fileno())
+        if hasattr(os, "posix_fadvise"):  # written and synced: its pages need not crowd the page cache
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         f.close()
         with atomic_file(os.path.join(self.out, rec["doc_ends"]), "wb") as g:
             g.write(ends.tobytes())
         os.replace(tmp, os.path.join(self.out, rec["file"]))
-        rec["sha256"] = hasher.hexdigest()
+        rec["sha256"], rec["max_id"] = state["sha"].hexdigest(), state["max"]
         write_json(os.path.join(self.out, STATE, rec["file"][:-4] + ".json"), rec, indent=None)
         self.done.append(rec)
+
+
+def _digest(state: dict, data: np.ndarray, check) -> None:
+    """(background) a piece of a shard: into its sha256 and largest id; ``check`` its id range."""
+    try:
+        state["sha"].update(memoryview(data).cast("B"))
+        hi = int(data.max())
+        state["max"] = max(state["max"], hi)
+        if check is not None:
+            check(0 if data.dtype.kind == "u" else int(data.min()), hi)
+    except BaseException:
+        state["failed"] = True   # the shard is never finalized (no rename, no sidecar)
+        raise
 
 
 def _finished(out: str, prefix: str) -> list[dict]:
@@ -351,43 +367,32 @@ def _restart(done: dict[str, list[dict]]) -> tuple[int, dict[str, int]]:
     return best
 
 
-def _npy_source(path: str, dtype: np.dtype) -> int | None:
-    """The byte offset of a .npy file's data when its bytes are already the shard's (same dtype, C
-    order): then they are copied by the kernel, not through Python. None otherwise (cast in chunks)."""
-    try:
-        with open(path, "rb") as fh:
-            major, _ = np.lib.format.read_magic(fh)
-            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-            shape, fortran, src_dtype = read(fh)
-            offset = fh.tell()
-    except (OSError, ValueError):
-        return None
-    same = np.dtype(src_dtype) == dtype and (not fortran or len(shape) <= 1)
-    return offset if same and hasattr(os, "copy_file_range") else None
-
-
 def _copy_npy(item: Item, w: ShardWriter, tok: Tokenizer, bar, id_limit: int | None = None) -> tuple[int, int]:
     """Stream a .npy file's ids into the writer in chunks (checked against the vocabulary, cast to the
     shard dtype), then EOS: one document. (tokens, documents)."""
     f = item.files[0]
     a = _open_npy(f.path)
     n = len(a)
-    offset = _npy_source(f.path, w.dtype)
+    offset = npy_raw_offset(f.path, w.dtype)
+    limit = id_limit or tok.vocab_size
+
+    def check(lo_id: int, hi_id: int) -> None:
+        if lo_id < 0 or hi_id >= limit:
+            bad = hi_id if hi_id >= limit else lo_id
+            if id_limit:
+                raise UserError(f"{f.path}: token id {bad} is outside the model's vocabulary [0, {limit}): "
+                                f"these ids were made for another model")
+            raise UserError(f"{f.path}: token id {bad} is outside the tokenizer's vocabulary [0, {limit}) "
+                            f"(--tokenizer {tok.name}): pass the tokenizer that made these ids")
+
     with open(f.path, "rb") as fh:
         for lo in range(0, n, NPY_CHUNK):
             chunk = a[lo: lo + NPY_CHUNK]
-            hi_id = int(chunk.max())
-            lo_id = 0 if chunk.dtype.kind == "u" else int(chunk.min())
-            limit = id_limit or tok.vocab_size
-            if lo_id < 0 or hi_id >= limit:
-                bad = hi_id if hi_id >= limit else lo_id
-                if id_limit:
-                    raise UserError(f"{f.path}: token id {bad} is outside the model's vocabulary [0, {limit}): "
-                                    f"these ids were made for another model")
-                raise UserError(f"{f.path}: token id {bad} is outside the tokenizer's vocabulary [0, {limit}) "
-                                f"(--tokenizer {tok.name}): pass the tokenizer that made these ids")
-            src = None if offset is None else (fh.fileno(), offset + lo * w.dtype.itemsize)
-            w.add(chunk, np.zeros((0,), np.int64), max_id=hi_id, src=src)
+            if chunk.dtype != w.dtype:  # cast in the main thread: checked before the cast can wrap
+                check(0 if chunk.dtype.kind == "u" else int(chunk.min()), int(chunk.max()))
+            src = None if offset is None or not hasattr(os, "copy_file_range") else \
+                (fh.fileno(), offset + lo * w.dtype.itemsize)
+            w.add(chunk, np.zeros((0,), np.int64), check=check, src=src)
             bar.update(len(chunk) * a.dtype.itemsize)
     if n:
         w.add(np.asarray([tok.eos_id], w.dtype), np.asarray([1], np.int64))

@@ -25,6 +25,21 @@ def _open_npy(path: str) -> np.ndarray:
     return a.reshape(-1)
 
 
+def npy_raw_offset(path: str, dtype: np.dtype) -> int | None:
+    """The byte offset of a .npy file's data when its bytes are already the shard's (same dtype, C
+    order): then they are copied by the kernel, not through Python. None otherwise (cast in chunks)."""
+    try:
+        with open(path, "rb") as fh:
+            major, _ = np.lib.format.read_magic(fh)
+            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, fortran, src_dtype = read(fh)
+            offset = fh.tell()
+    except (OSError, ValueError):
+        return None
+    same = np.dtype(src_dtype) == dtype and (not fortran or len(shape) <= 1)
+    return offset if same else None
+
+
 def cache_dir() -> str | None:
     """Where tokenised text is cached ($PARSCALE_JAX_CACHE, default ~/.cache/parscale_jax; 'off' disables)."""
     d = os.environ.get("PARSCALE_JAX_CACHE")
