@@ -207,18 +207,19 @@ def test_bad_input_one_line(three, tmp_path):
     cases.append((lambda: D.check_vocab(it.sources, 384), r"token id 400 .* outside the model's vocabulary \[0, 384\)"))
     newer = write_dataset(tmp_path / "newer", tagged(0, 10), version=2)
     cases.append((lambda: D.train_iterator(D.DataConfig(source=newer, seq_len=SEQ), None, 2), "format version 2, newer"))
-    cut = write_dataset(tmp_path / "cut", tagged(0, 300), shard_tokens=1000)
-    with open(Path(cut) / "train-00001.bin", "r+b") as f:
-        f.truncate(100)
-    cases.append((lambda: D.train_iterator(D.DataConfig(source=cut, seq_len=SEQ, prefetch=0), None, 300),
-                  r"train-00001.bin has 100 bytes, the manifest says 2000"))
-    (Path(cut) / "train-00001.bin").unlink()
-    cases.append((lambda: D.train_iterator(D.DataConfig(source=cut, seq_len=SEQ, prefetch=0), None, 300),
-                  r"train-00001.bin is missing"))
     for fn, pat in cases:
         with pytest.raises(UserError, match=pat) as e:
             fn()
         assert "\n" not in str(e.value)
+    cut = write_dataset(tmp_path / "cut", tagged(0, 300), shard_tokens=1000)
+    opened = lambda: D.train_iterator(D.DataConfig(source=cut, seq_len=SEQ, prefetch=0), None, 300)  # noqa: E731
+    with open(Path(cut) / "train-00001.bin", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(UserError, match=r"train-00001.bin has 100 bytes, the manifest says 2000"):
+        opened()
+    (Path(cut) / "train-00001.bin").unlink()
+    with pytest.raises(UserError, match=r"train-00001.bin is missing: restore it"):
+        opened()
 
 
 def test_heldout_is_read_window_by_window(three, monkeypatch):
