@@ -2,7 +2,8 @@
 multiple-choice scoring the lm-evaluation-harness way. Models come from :mod:`parscale_jax.loading`.
 
 * :func:`heldout_loss` (built on :func:`window_loss`) is the one held-out loss: eval.py and the
-  training loop both call it on ``data.heldout_tokens(...)``.
+  training loop both call it on a prepared dataset's held-out split (``data.heldout_streams``),
+  reading only the windows they score.
 * :func:`choice_accuracy` scores each choice by its summed log-likelihood given the context.
 """
 from __future__ import annotations
@@ -26,6 +27,37 @@ def make_windows(tokens: np.ndarray, seq_len: int) -> np.ndarray:
     return np.asarray(tokens[: n * seq_len], dtype=np.int32).reshape(n, seq_len)
 
 
+class _Array:
+    """A 1-D array as a token stream (``len`` and ``read(start, stop)``, like a prepared split's)."""
+
+    def __init__(self, a: Any):
+        self.a = np.asarray(a).reshape(-1)
+
+    def __len__(self) -> int:
+        return len(self.a)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return np.asarray(self.a[start:stop], dtype=np.int32)
+
+
+def _stream(tokens: Any) -> Any:
+    return tokens if hasattr(tokens, "read") else _Array(tokens)
+
+
+def _window_batches(stream: Any, seq_len: int, batch_size: int, max_windows: int | None):
+    """(number of windows, iterator of [<=batch_size, seq_len] int32 windows): only the windows
+    scored are read from the stream."""
+    n = len(stream) // seq_len
+    if max_windows is not None:
+        n = min(n, max_windows)
+
+    def gen():
+        for i in range(0, n, batch_size):
+            k = min(batch_size, n - i)
+            yield stream.read(i * seq_len, (i + k) * seq_len).reshape(k, seq_len)
+    return n, gen()
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _windows_nll(model: Any, params: Any, windows: jax.Array, keep: jax.Array) -> jax.Array:
     """Summed next-token NLL of the kept windows [B, L] (inputs w[:, :-1], targets w[:, 1:]):
@@ -33,49 +65,60 @@ def _windows_nll(model: Any, params: Any, windows: jax.Array, keep: jax.Array) -
     return jnp.sum(sequence_nll(model, params, windows) * keep[:, None])
 
 
-def window_loss(model: Any, params: Any, tokens: np.ndarray, seq_len: int, batch_size: int,
-                max_windows: int | None = None) -> dict[str, float]:
+def window_loss(model: Any, params: Any, tokens: Any, seq_len: int, batch_size: int,
+                max_windows: int | None = None, on_batch: Any = None) -> dict[str, float]:
     """Mean next-token loss over windows of ``seq_len`` tokens, each scored on its seq_len-1 targets.
 
-    Returns {"loss": mean nats per target token, "perplexity", "tokens": number of targets,
-    "windows": n}. Windows are batched ``batch_size`` at a time; the last partial batch is padded
-    and masked, so one compilation serves every call with the same model and shapes (the
-    compiled function is cached per model: a training loop can call this at every eval).
+    ``tokens``: a 1-D array or a stream with ``len`` and ``read(start, stop)`` (a prepared split):
+    only the windows scored are read. Returns {"loss": mean nats per target token, "perplexity",
+    "tokens": number of targets, "windows": n, "nll": summed nats}. Windows are batched
+    ``batch_size`` at a time; the last partial batch is padded and masked, so one compilation
+    serves every call with the same model and shapes (the compiled function is cached per model:
+    a training loop can call this at every eval). ``on_batch(windows)`` sees each batch read.
     """
-    windows = make_windows(tokens, seq_len)
-    if max_windows is not None:
-        windows = windows[:max_windows]
-    if len(windows) == 0:
+    n_win, batches = _window_batches(_stream(tokens), seq_len, batch_size, max_windows)
+    if n_win == 0:
         raise ValueError(f"fewer than seq_len={seq_len} tokens to evaluate")
     total = 0.0
-    for i in range(0, len(windows), batch_size):
-        w = windows[i: i + batch_size]
+    for w in batches:
+        if on_batch is not None:
+            on_batch(w)
         keep = np.ones(len(w), np.float32)
         if len(w) < batch_size:  # pad to a fixed shape: one compilation
             pad = batch_size - len(w)
             w = np.concatenate([w, np.zeros((pad, seq_len), np.int32)])
             keep = np.concatenate([keep, np.zeros(pad, np.float32)])
         total += float(_windows_nll(model, params, w, keep))
-    n_targets = len(windows) * (seq_len - 1)
-    return {"loss": total / n_targets, "tokens": n_targets, "windows": len(windows),
+    n_targets = n_win * (seq_len - 1)
+    return {"loss": total / n_targets, "tokens": n_targets, "windows": n_win, "nll": total,
             "perplexity": math.exp(min(total / n_targets, 700.0))}
 
 
-def heldout_loss(model: Any, params: Any, tokens: np.ndarray, seq_len: int, batch_size: int,
+def heldout_loss(model: Any, params: Any, tokens: Any, seq_len: int, batch_size: int,
                  max_windows: int | None = None, tokenizer: Any = None) -> dict[str, Any]:
     """The held-out loss report of eval.py *and* the training loop: :func:`window_loss` plus bits
     per byte.
 
-    ``tokens`` is the 1-D held-out stream (``data.heldout_tokens(data_cfg, tokenizer)[0]``).
-    Returns {"loss", "perplexity", "bits_per_byte", "tokens", "windows", "bytes"}; bits per byte
-    is ``loss * tokens / (ln 2 * bytes)`` over the bytes of text behind the scored targets
+    ``tokens`` is the held-out stream: a prepared dataset's held-out split
+    (``data.heldout_streams``), read window by window, or a 1-D array.
+    Returns {"loss", "perplexity", "bits_per_byte", "tokens", "windows", "bytes", "nll"}; bits per
+    byte is ``loss * tokens / (ln 2 * bytes)`` over the bytes of text behind the scored targets
     (``tokenizer.count_bytes``: exact for the byte tokenizer, the decoded length for others;
     None without a tokenizer or when the targets hold no text).
     """
-    res = window_loss(model, params, tokens, seq_len, batch_size, max_windows)
+    counted, held = [0], []  # the byte tokenizer counts per batch; others decode the scored targets at once
+
+    def count(w):
+        if getattr(tokenizer, "name", None) == "bytes":
+            counted[0] += int(tokenizer.count_bytes(w[:, 1:]))
+        else:
+            held.append(w[:, 1:].reshape(-1))
+
+    res = window_loss(model, params, tokens, seq_len, batch_size, max_windows,
+                      on_batch=count if tokenizer is not None else None)
     n_bytes = None
     if tokenizer is not None:
-        n_bytes = int(tokenizer.count_bytes(scored_targets(tokens, seq_len, max_windows)))
+        n_bytes = counted[0] + (int(tokenizer.count_bytes(np.concatenate(held))) if held else 0)
     return {**res, "bytes": n_bytes, "bits_per_byte": bits_per_byte(res["loss"], res["tokens"], n_bytes)}
 
 

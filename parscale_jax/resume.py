@@ -28,6 +28,7 @@ FREE = ("mesh.", "checkpoint.", "distributed.", "log_every", "eval_every", "eval
         "peak_flops", "remat", "scan_layers", "nan_policy", "init_from", "keep_data_position", "add_to",
         "allow_changed", "data.worker_count", "data.prefetch")
 DATA_POSITION = ("data.", "batch_size")  # a change here: the data position starts afresh
+KEEP_POSITION = ("data.mixture", "data.fingerprint")  # except these: the record order is stateless, the batch carries over
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -61,9 +62,11 @@ def changes(saved: dict, cfg: TrainConfig) -> list[tuple[str, Any, Any]]:
             and k in old]
 
 
-def check(workdir: str, step: int, meta: dict, cfg: TrainConfig) -> list[str]:
+def check(workdir: str, step: int, meta: dict, cfg: TrainConfig, data_fingerprint: str | None = None) -> list[str]:
     """Check a resume from ``step`` (its ``meta``) under ``cfg``; returns the accepted changes as
-    ``"key old -> new"`` (empty: none). A UserError (one line) for anything refused."""
+    ``"key old -> new"`` (empty: none). A UserError (one line) for anything refused.
+    ``data_fingerprint``: the run's datasets' (manifests') fingerprint, compared with the one the
+    checkpoint recorded (key ``data.fingerprint``, accepted by ``--allow-changed data``)."""
     _check_model(workdir, step, meta, cfg)
     if cfg.steps < step:
         raise UserError(f"steps={cfg.steps} is below the step of the newest checkpoint in {workdir} ({step}): "
@@ -72,8 +75,16 @@ def check(workdir: str, step: int, meta: dict, cfg: TrainConfig) -> list[str]:
     if not isinstance(saved, dict):
         return []  # written before the config was saved with each step
     found = changes(saved, cfg)
+    old_fp = meta.get("data_fingerprint")
+    if data_fingerprint is not None and old_fp is not None and old_fp != data_fingerprint \
+            and not any(k.startswith("data.") and k != "data.mixture" for k, _, _ in found):
+        found.append(("data.fingerprint", old_fp, data_fingerprint))  # same settings, other data: say so
     allow = allowed_changes(cfg.allow_changed)
     refused = [c for c in found if c[0] not in allow and c[0].split(".")[0] not in allow]
+    if any(k == "data.fingerprint" for k, _, _ in refused):
+        raise UserError(f"resuming {workdir} (checkpoint {step}) on a changed dataset (manifest fingerprint "
+                        f"{str(old_fp)[:12]} -> {data_fingerprint[:12]}): use the data it was trained on, or accept "
+                        f"the change with --allow-changed data")
     if refused:
         listed = "; ".join(f"{k} {old!r} -> {new!r}" for k, old, new in refused)
         keys = " ".join(k for k, _, _ in refused)
@@ -84,5 +95,12 @@ def check(workdir: str, step: int, meta: dict, cfg: TrainConfig) -> list[str]:
 
 
 def restarts_data(accepted: list[str]) -> bool:
-    """Whether the accepted changes touch the data stream or the batch (the position starts afresh)."""
-    return any(c.split(" ")[0].startswith(DATA_POSITION) and not _free(c.split(" ")[0]) for c in accepted)
+    """Whether the accepted changes touch the data stream or the batch (the position starts afresh).
+    A changed mixture or dataset (:data:`KEEP_POSITION`) keeps the batch index."""
+    keys = [c.split(" ")[0] for c in accepted]
+    return any(k.startswith(DATA_POSITION) and not _free(k) and k not in KEEP_POSITION for k in keys)
+
+
+def changes_data(accepted: list[str]) -> bool:
+    """Whether a changed mixture or dataset was accepted (the data position carries over anyway)."""
+    return any(c.split(" ")[0] in KEEP_POSITION for c in accepted)

@@ -200,15 +200,13 @@ def init(cfg: TrainConfig, workdir: str, verbose: bool, stack: contextlib.ExitSt
     if cfg.batch_size % nproc:
         raise UserError(f"batch_size={cfg.batch_size} does not split over {nproc} processes: use a multiple of {nproc}")
     _open_workdir(run)
-    _precheck(run)
-    run.tok = D.load_tokenizer(cfg.data.tokenizer)  # data before compiling: missing data fails early
-    if run.tok.vocab_size > cfg.model.vocab_size:
-        raise UserError(f"the tokenizer has {run.tok.vocab_size} ids but model.vocab_size={cfg.model.vocab_size}: "
-                        f"raise model.vocab_size to at least {run.tok.vocab_size}")
-    run.it = D.train_iterator(cfg.data, run.tok, cfg.batch_size, jax.process_index(), nproc)
+    # data before compiling: missing data fails early; a prepared dataset is opened by its manifest only
+    run.it = D.train_iterator(cfg.data, None, cfg.batch_size, jax.process_index(), nproc, log=run.log)
     stack.callback(run.it.close)
-    if cfg.data.heldout_fraction > 0:
-        run.heldout = D.heldout_tokens(cfg.data, run.tok)[0]
+    D.check_vocab(run.it.sources, cfg.model.vocab_size)
+    run.tok = D.dataset_tokenizer(run.it.sources[0])  # for bits per byte (None: unknown)
+    run.heldout = D.heldout_streams(run.it.sources) or None
+    _precheck(run)
     run.program = TS.build(cfg, run.mesh)  # model, optimizer, state shardings, jitted step (shared with aot.py)
     # opened (and so tidied) only once the checks have passed
     warn = (lambda *a: print(*a, file=sys.stderr, flush=True)) if main else (lambda *a: None)  # also when quiet
@@ -256,7 +254,7 @@ def _precheck(run: _Run) -> None:
             meta = C.read_step_meta(os.path.join(ckpt_dir, str(step)))
         except C.Damaged:
             continue  # restore moves it aside
-        resume.check(run.workdir, step, meta, run.cfg)
+        resume.check(run.workdir, step, meta, run.cfg, run.it.fingerprint)
         return
 
 
@@ -266,7 +264,7 @@ def restore(run: _Run) -> dict:
     program, cfg = run.program, run.cfg
 
     def accept(step: int, meta: dict) -> None:
-        run.accepted = resume.check(run.workdir, step, meta, cfg)
+        run.accepted = resume.check(run.workdir, step, meta, cfg, run.it.fingerprint)
 
     with S.activate(run.mesh):
         got = run.ckpt.restore(program.abstract_state, accept)
@@ -277,7 +275,7 @@ def restore(run: _Run) -> dict:
     if resume.restarts_data(run.accepted):
         run.log("data position starts afresh: the data stream or batch changed")
     else:
-        run.it.set_state(data_state)
+        run.it.set_state(data_state, data_changed=resume.changes_data(run.accepted))
     run.log(f"resumed from {run.ckpt.dir}/{run.resume_step} (data batch {run.it.next_batch})")
     run.start = run.resume_step
     return state
@@ -352,7 +350,9 @@ def step_once(run: _Run, state: dict, step: int) -> dict:
     """Dispatch one step; read the previous one's metrics; log, evaluate (also at the last step,
     before its save), and stop on a failed save or a signal (on any process)."""
     cfg, program = run.cfg, run.program
+    t0 = time.perf_counter()
     batch = next(run.it)["tokens"]
+    run.clock["wait"] = run.clock.get("wait", 0.0) + time.perf_counter() - t0  # the step waited for data
     gbatch = jax.make_array_from_process_local_data(program.batch_sharding, batch,
                                                     (cfg.batch_size, cfg.data.seq_len + 1))
     with S.activate(run.mesh):
@@ -361,7 +361,7 @@ def step_once(run: _Run, state: dict, step: int) -> dict:
         jax.block_until_ready(metrics["loss"])
         now = time.perf_counter()
         run.clock.update(compile_s=now - run.clock["t_start"], t_first=now, s_first=step, t_window=now,
-                         s_window=step)
+                         s_window=step, wait=0.0)
         run.log(f"compiled and ran the first step in {run.clock['compile_s']:.1f}s")
         run.progress.begin(step)
     _flush(run)
@@ -411,29 +411,49 @@ def _log_step(run: _Run, step: int) -> None:
     loss = _consume(run, step_, metrics)
     run.pending = None
     c, now = run.clock, time.perf_counter()
-    tps = mfu = None
+    tps = mfu = wait = wait_frac = None
     if step > c["s_window"]:
         tps = (step - c["s_window"]) * run.tokens_per_step / (now - c["t_window"])
         mfu = c["flops_tok"] * tps / c["peak_total"]
-    c.update(t_window=now, s_window=step)
+        wait, wait_frac = c.get("wait", 0.0) / (step - c["s_window"]), c.get("wait", 0.0) / (now - c["t_window"])
+    c.update(t_window=now, s_window=step, wait=0.0)
     run.writer.write(step, loss=loss, lr=float(metrics["lr"]), grad_norm=float(metrics["grad_norm"]),
-                     tokens_per_s=tps, mfu=mfu, tokens=step * run.tokens_per_step)
+                     tokens_per_s=tps, mfu=mfu, tokens=step * run.tokens_per_step, data_wait_s=wait,
+                     data_wait_fraction=wait_frac)
     run.progress.update(step, **progress_values(loss, tps, mfu))
     if tps:
         run.last.update(tokens_per_s=tps, mfu=mfu)
 
 
 def evaluate(run: _Run, state: dict, step: int) -> None:
-    """The held-out loss (``evaluate.heldout_loss``, what eval.py computes) when there is a held-out split."""
-    if run.heldout is None:
+    """The held-out loss (``evaluate.heldout_loss``, what eval.py computes) when there is a held-out
+    split; with a mixture, each source's beside the total (over all their scored tokens)."""
+    if not run.heldout:
         return
-    cfg = run.cfg
-    res = E.heldout_loss(run.program.model, TS.full_params(state), run.heldout, cfg.data.seq_len,
-                         cfg.eval_batch_size, max_windows=cfg.eval_windows or None, tokenizer=run.tok)
-    bpb = res["bits_per_byte"]
-    run.writer.write(step, eval_loss=res["loss"], eval_bpb=bpb, eval_tokens=res["tokens"])
-    run.progress.message(f"step {step}: held-out loss {res['loss']:.4f}" + (f", {bpb:.4f} bits/byte" if bpb else ""))
-    run.last.update(eval_step=step, eval_loss=res["loss"], eval_bpb=bpb, eval_tokens=res["tokens"])
+    cfg, params = run.cfg, TS.full_params(state)
+    per = [(name, E.heldout_loss(run.program.model, params, stream, cfg.data.seq_len, cfg.eval_batch_size,
+                                 max_windows=cfg.eval_windows or None, tokenizer=run.tok))
+           for name, stream in run.heldout]
+    tokens = sum(r["tokens"] for _, r in per)
+    loss = sum(r["nll"] for _, r in per) / tokens
+    n_bytes = sum(r["bytes"] or 0 for _, r in per) if all(r["bytes"] for _, r in per) else None
+    bpb = E.bits_per_byte(loss, tokens, n_bytes)
+    extra = {}
+    if cfg.data.mixture:
+        for key, (_, r) in zip(_source_keys([n for n, _ in per]), per):
+            extra[f"eval_loss/{key}"] = r["loss"]
+            if r["bits_per_byte"] is not None:
+                extra[f"eval_bpb/{key}"] = r["bits_per_byte"]
+    run.writer.write(step, eval_loss=loss, eval_bpb=bpb, eval_tokens=tokens, **extra)
+    each = "".join(f"; {k.split('/', 1)[1]} {v:.4f}" for k, v in extra.items() if k.startswith("eval_loss/"))
+    run.progress.message(f"step {step}: held-out loss {loss:.4f}" + (f", {bpb:.4f} bits/byte" if bpb else "") + each)
+    run.last.update(eval_step=step, eval_loss=loss, eval_bpb=bpb, eval_tokens=tokens)
+
+
+def _source_keys(names: list[str]) -> list[str]:
+    """Short metric names of the mixture's sources: the last path component (numbered when equal)."""
+    base = [os.path.basename(os.path.normpath(n)) or n for n in names]
+    return [b if base.count(b) == 1 else f"{b}{i}" for i, b in enumerate(base)]
 
 
 # ---- save and the ends -------------------------------------------------------------------------
@@ -448,7 +468,7 @@ def save(run: _Run, state: dict, step: int) -> None:
                                "free space for the next one: see its message")
     cfg = run.cfg
     meta = {"model": cfg.model.to_dict(), "step": step, "freeze_backbone": cfg.freeze_backbone,
-            "config": cfg.to_dict(), "summary": _recorded(run, step)}
+            "config": cfg.to_dict(), "summary": _recorded(run, step), "data_fingerprint": run.it.fingerprint}
     run.ckpt.save(step, state, run.it.get_state(), meta)
     if run.signals.caught is not None:
         run.progress.message(f"checkpoint {step} saved (signal)")

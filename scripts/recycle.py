@@ -72,7 +72,7 @@ def main(argv=None) -> int:
 
     # evaluation: the same held-out windows and task records for every model
     tok = D.load_tokenizer(base.data.tokenizer)
-    held, _ = D.heldout_tokens(base.data, tok)
+    _, held = D.eval_source(base.data, tok, "heldout")  # read window by window
     seq = base.data.seq_len
     records = tasks.build_nextline(tasks.heldout_source_files(base.data.source, base.data.heldout_fraction),
                                    n=args.task_records, seed=0)

@@ -20,8 +20,9 @@ BYTES = D.ByteTokenizer()
 
 
 @pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("PARSCALE_JAX_CACHE", str(tmp_path / "cache"))
+def _private_cache(tmp_path_factory, monkeypatch):
+    # outside tmp_path: raw sources are prepared into the cache, and a test's corpus may be tmp_path itself
+    monkeypatch.setenv("PARSCALE_JAX_CACHE", str(tmp_path_factory.mktemp("cache")))
 
 
 # ---- independent references ----------------------------------------------------------------
@@ -412,9 +413,9 @@ def test_missing_and_empty_data_give_one_line_user_errors(tmp_path):
     (tmp_path / "blank" / "a.txt").write_bytes(b"")
     (tmp_path / "blank" / "b.jsonl").write_bytes(b"\n")
     blank = D.DataConfig(source=str(tmp_path / "blank"), heldout_fraction=0.0)
-    cases.append((lambda: D.train_iterator(blank, BYTES, 2), "training split of data source .* is empty"))
+    cases.append((lambda: D.train_iterator(blank, BYTES, 2), "data source .*blank is empty"))
     cases.append((lambda: D.heldout_tokens(D.DataConfig(source=str(tmp_path / "blank"), heldout_fraction=1.0),
-                                           BYTES), "held-out split of .* is empty"))
+                                           BYTES), "data source .*blank is empty"))
     (tmp_path / "short.txt").write_bytes(b"abc")
     cases.append((lambda: D.train_iterator(D.DataConfig(source=str(tmp_path / "short.txt"), heldout_fraction=0.0,
                                                         seq_len=8), BYTES, 2), "fewer than one sequence"))

@@ -7,11 +7,12 @@
                                  [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p p] [--seed S]
 
 Loss: the token stream is cut into consecutive windows of L tokens, each scored on its L-1
-next-token targets (``evaluate.heldout_loss``, the same function the training loop calls). Which
-stream (``--split``): without ``--data``, the held-out split of the training run's data (or of
-stdlib), what the training loop evaluates; an explicit ``--data`` is scored whole unless
-``--split heldout`` is asked. ``.npy`` ids are checked against the model's vocabulary; bits per
-byte need a known tokenizer for them. Errors are one line (``error: ...``) with exit code 2.
+next-token targets (``evaluate.heldout_loss``, the same function the training loop calls); only
+the windows scored are read. Which stream (``--split``): without ``--data``, the held-out split
+of the training run's data (or of stdlib), what the training loop evaluates; an explicit
+``--data`` (a prepared dataset, or a raw source prepared into the cache once) is scored whole
+unless ``--split heldout`` is asked. Ids are checked against the model's vocabulary (the
+manifest's largest id); bits per byte need a known tokenizer for ``.npy`` ids. Errors are one line (``error: ...``) with exit code 2.
 """
 from __future__ import annotations
 
@@ -34,8 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  epilog="Generation: eval.py generate --help")
     add_model_args(ap)
     ap.add_argument("--data", default=None,
-                    help="'stdlib', or a text file / dir / glob, JSONL, .npy token ids (default: the training "
-                         "run's data.source for a training checkpoint, else stdlib, the default corpus)")
+                    help="a prepared dataset directory, 'stdlib', or a text file / dir / glob, JSONL, .npy token ids "
+                         "(default: the training run's data.source for a training checkpoint, else stdlib)")
     ap.add_argument("--split", default=None, choices=["heldout", "all"],
                     help="heldout: the training pipeline's held-out split of the data, what the training loop "
                          "evaluates; all: every file of it. Default: all when --data is given (an explicit "
@@ -97,15 +98,19 @@ def _check_args(args) -> None:
 
 
 def _eval_tokens(args, source: str, spec: str, tok, vocab_size: int):
-    """(token stream, whether it holds .npy ids): the training pipeline's held-out split of ``source``
-    (what the training loop evaluates) or, with --split all, every file of it. Ids are checked
-    against the model's vocabulary."""
+    """(token stream, whether it holds .npy ids, the dataset's tokenizer when known): the held-out
+    split of the prepared dataset of ``source`` (a raw source is prepared into the cache once: the
+    training pipeline's split, what the training loop evaluates) or, with --split all, every
+    document of it. Ids are checked against the model's vocabulary (the manifest's largest id);
+    only the windows scored are read."""
     dcfg = data.DataConfig(source=source, format=args.format, text_field=args.text_field, tokenizer=spec,
-                           heldout_fraction=args.heldout_fraction)
+                           heldout_fraction=args.heldout_fraction, seq_len=args.seq_len)
+    if data.is_prepared(source):
+        src, stream = data.eval_source(dcfg, None, args.split, vocab_size)
+        return stream, False, data.dataset_tokenizer(src, tok)
     ids = any(f.format == "npy" for f in data.list_files(dcfg))
-    if args.split == "heldout":
-        return data.heldout_tokens(dcfg, tok, vocab_size)[0], ids
-    return data.all_tokens(dcfg, tok, vocab_size)[0], ids  # every unit, in the pipeline's order (each + EOS)
+    src, stream = data.eval_source(dcfg, tok, args.split, vocab_size)
+    return stream, ids, tok
 
 
 def _loss(args, model, params, cfg, tok, spec, taken) -> tuple[dict, list[tuple[str, str]]]:
@@ -115,8 +120,8 @@ def _loss(args, model, params, cfg, tok, spec, taken) -> tuple[dict, list[tuple[
     source = args.data or "stdlib"
     if taken:
         print(f"data: from the training run's config: {', '.join(taken)}", file=sys.stderr)
-    tokens, ids = _eval_tokens(args, source, spec, tok, cfg.vocab_size)
-    bpb_tok = tok if tokenizer_known(args) or not ids else None  # ids to bytes need the right tokenizer
+    tokens, ids, data_tok = _eval_tokens(args, source, spec, tok, cfg.vocab_size)
+    bpb_tok = data_tok if tokenizer_known(args) or not ids else None  # ids to bytes need the right tokenizer
     if len(tokens) < args.seq_len:
         raise UserError(f"the {args.split} data of {source} has {len(tokens)} tokens, fewer than one window "
                         f"of --seq-len {args.seq_len}: give more data or a smaller --seq-len")

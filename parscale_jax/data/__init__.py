@@ -20,8 +20,11 @@ from parscale_jax.data.config import FORMATS, DataConfig
 from parscale_jax.data.iterator import DataIterator, train_iterator
 from parscale_jax.data.sources import SourceFile, Split, is_heldout, list_files, split_files, split_units, stdlib_root
 from parscale_jax.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
-from parscale_jax.data.tokens import TokenStream, all_tokens, cache_dir, heldout_tokens
+from parscale_jax.data.records import (Source, all_tokens, check_vocab, dataset_tokenizer, eval_source, heldout_streams,
+                                       heldout_tokens, is_prepared, open_sources, prepared_dir)
+from parscale_jax.data.tokens import cache_dir
 
 __all__ = ["FORMATS", "DataConfig", "DataIterator", "train_iterator", "SourceFile", "Split", "is_heldout",
            "list_files", "split_files", "split_units", "stdlib_root", "ByteTokenizer", "HFTokenizer", "Tokenizer",
-           "load_tokenizer", "TokenStream", "all_tokens", "cache_dir", "heldout_tokens"]
+           "load_tokenizer", "all_tokens", "cache_dir", "heldout_tokens", "Source", "check_vocab",
+           "dataset_tokenizer", "eval_source", "heldout_streams", "is_prepared", "open_sources", "prepared_dir"]

@@ -2,11 +2,61 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from parscale_jax.errors import UserError
 
-FORMATS = ("auto", "text", "jsonl", "npy")
+FORMATS = ("auto", "text", "jsonl", "npy", "parquet", "arrow")
+
+
+def _fix(why: str) -> UserError:
+    return UserError(f"data.mixture is invalid: {why}: give a list of {{source, weight}} or 'A:0.7,B:0.3' "
+                     f"with positive weights")
+
+
+def parse_mixture(spec: Any) -> list[tuple[str, float]]:
+    """[(source, weight)] of a mixture given as YAML (list of {source, weight}) or ``"A:0.7,B:0.3"``."""
+    if isinstance(spec, str):
+        items = []
+        for part in spec.split(","):
+            if not part.strip():
+                continue
+            src, sep, w = part.strip().rpartition(":")
+            if not sep or not src:
+                raise _fix(f"{part.strip()!r} is not SOURCE:WEIGHT")
+            items.append({"source": src, "weight": w})
+    elif isinstance(spec, (list, tuple)):
+        items = list(spec)
+    else:
+        raise _fix(f"{spec!r} is neither a list nor a string")
+    out = []
+    for it in items:
+        if not isinstance(it, dict) or set(it) != {"source", "weight"}:
+            raise _fix(f"entry {it!r} is not {{source, weight}}")
+        src, w = it["source"], it["weight"]
+        try:
+            w = float(w)
+        except (TypeError, ValueError):
+            raise _fix(f"weight {w!r} of {src} is not a number") from None
+        if isinstance(it["weight"], bool) or not math.isfinite(w) or w <= 0:
+            raise _fix(f"weight {it['weight']!r} of {src} is not positive")
+        if not isinstance(src, str) or not src:
+            raise _fix(f"source {src!r} is not a path")
+        out.append((src, w))
+    if not out:
+        raise _fix("it names no source")
+    dup = sorted({s for s, _ in out if [x for x, _ in out].count(s) > 1})
+    if dup:
+        raise _fix(f"source {dup[0]} is listed twice")
+    return out
+
+
+def canonical_mixture(spec: Any) -> str | None:
+    """The config's form of a mixture: ``"A:0.7,B:0.3"`` (None stays None)."""
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "null", "none")):
+        return None
+    return ",".join(f"{s}:{w!r}" for s, w in parse_mixture(spec))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,6 +70,7 @@ class DataConfig:
     seed: int = 0               # global shuffle seed
     worker_count: int = 0       # grain workers (0 = in-process)
     prefetch: int = 2           # batches prefetched in a background thread
+    mixture: Any = None         # weighted sources: a list of {source, weight} or "A:0.7,B:0.3" (kept in that form)
 
     def __post_init__(self):
         def bad(key, why):
@@ -39,6 +90,7 @@ class DataConfig:
             bad("worker_count", "use 0 (in-process) or a positive number of worker processes")
         if not isinstance(self.prefetch, int) or self.prefetch < 0:
             bad("prefetch", "use 0 (no prefetch) or a positive number of batches")
+        object.__setattr__(self, "mixture", canonical_mixture(self.mixture))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -13,19 +13,21 @@ import json
 import os
 import re
 import sysconfig
+from typing import Iterator
 
 from parscale_jax.data.config import DataConfig
 from parscale_jax.data.tokenizer import _utf8
 from parscale_jax.errors import UserError
 
 STDLIB_EXCLUDE_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
+DATASETS_METADATA = frozenset({"state.json", "dataset_info.json", "dataset_dict.json"})
 
 
 @dataclasses.dataclass(frozen=True)
 class SourceFile:
     path: str       # absolute
     relpath: str    # relative to the source root, "/"-separated: the split key
-    format: str     # text | jsonl | npy
+    format: str     # text | jsonl | npy | parquet | arrow
 
 
 def stdlib_root() -> str:
@@ -40,6 +42,10 @@ def _format_of(path: str, fmt: str) -> str:
         return "jsonl"
     if low.endswith(".npy"):
         return "npy"
+    if low.endswith(".parquet"):
+        return "parquet"
+    if low.endswith(".arrow"):
+        return "arrow"
     return "text"
 
 
@@ -91,7 +97,12 @@ def list_files(cfg: DataConfig) -> list[SourceFile]:
                             f"or 'stdlib' for the built-in corpus")
     root = os.path.abspath(root)
     files = []
+    arrow_dirs = {os.path.dirname(os.path.abspath(p)) for p in paths if p.lower().endswith(".arrow")}
     for p in paths:
+        folder = os.path.dirname(os.path.abspath(p))
+        if os.path.basename(p) in DATASETS_METADATA and any(d == folder or d.startswith(folder + os.sep)
+                                                            for d in arrow_dirs):
+            continue  # the metadata of a `datasets` folder (or DatasetDict) saved with save_to_disk
         p = os.path.abspath(p)
         rel = os.path.relpath(p, root).replace(os.sep, "/")
         files.append(SourceFile(p, rel, _format_of(p, cfg.format)))
@@ -116,24 +127,30 @@ class _Unit:
     text: str | None = None   # JSONL records carry their text
 
 
-def _jsonl_units(f: SourceFile, field: str) -> list[_Unit]:
-    units = []
-    with open(f.path, "rb") as fh:
+def jsonl_lines(path: str):
+    """(line number, stripped text) of every non-blank line of a JSONL file (a blank line is no unit)."""
+    with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
             line = raw.decode("utf-8", errors="replace").strip().lstrip("\ufeff")
-            if not line:
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{f.path} line {lineno}: unreadable JSONL line ({e.msg} at column {e.colno}): "
-                                f"each line must be one JSON object") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
-                what = "not a JSON object" if not isinstance(obj, dict) else (
-                    f"no field {field!r}" if field not in obj else f"field {field!r} is not a string")
-                raise UserError(f"{f.path} line {lineno}: unreadable JSONL line ({what}): each line must be an "
-                                f"object with a string field {field!r} (set data.text_field to change the field)")
-            units.append(_Unit(f"{f.relpath}:{lineno}", f, obj[field]))
+            if line:
+                yield lineno, line
+
+
+def _jsonl_units(f: SourceFile, field: str) -> list[_Unit]:
+    units = []
+    for lineno, line in jsonl_lines(f.path):
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{f.path} line {lineno}: unreadable JSONL line ({e.msg} at column {e.colno}): "
+                            f"each line must be one JSON object") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
+            what = "not a JSON object" if not isinstance(obj, dict) else (
+                f"no field {field!r}" if field not in obj else f"field {field!r} is not a string")
+            raise UserError(f"{f.path} line {lineno}: unreadable JSONL line ({what}): each line must be an "
+                            f"object with a string field {field!r} (set data.text_field or --text-field to change "
+                            f"the field)")
+        units.append(_Unit(f"{f.relpath}:{lineno}", f, obj[field]))
     return units
 
 
@@ -178,3 +195,50 @@ def split_files(cfg: DataConfig) -> tuple[list[str], list[str]]:
     s = split_units(cfg)
     return [u.key for u in s.train], [u.key for u in s.heldout]
 
+
+# ---- columnar files (Parquet; Arrow files of a `datasets` folder saved with save_to_disk) ----------------
+def parquet_file(path: str, field: str):
+    """A pyarrow ParquetFile whose column ``field`` holds text (else a UserError)."""
+    import pyarrow.parquet as pq
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid / OSError subclasses
+        raise UserError(f"{path}: not a readable Parquet file ({' '.join(str(e).split())[:200]}): "
+                        f"check the file or leave it out") from None
+    _check_field(path, pf.schema_arrow, field)
+    return pf
+
+
+def _arrow_reader(src, path: str):
+    import pyarrow as pa
+    for opener in (pa.ipc.open_stream, pa.ipc.open_file):
+        try:
+            return opener(src)
+        except Exception:  # noqa: BLE001 - try the other IPC layout
+            src.seek(0)
+    raise UserError(f"{path}: not a readable Arrow file (IPC stream or file): check the file or leave it out")
+
+
+def arrow_batches(path: str, field: str) -> Iterator:
+    """The record batches of an Arrow IPC file (a `datasets` folder's data files) with a text column ``field``."""
+    import pyarrow as pa
+    with pa.memory_map(path) as src:
+        reader = _arrow_reader(src, path)
+        _check_field(path, reader.schema, field)
+        if hasattr(reader, "num_record_batches"):
+            for i in range(reader.num_record_batches):
+                yield reader.get_batch(i)
+        else:
+            yield from reader
+
+
+def _check_field(path: str, schema, field: str) -> None:
+    import pyarrow as pa
+    if field not in schema.names:
+        raise UserError(f"{path}: no column {field!r} (columns: {', '.join(schema.names)[:200]}): "
+                        f"pass --text-field with the column that holds the text")
+    t = schema.field(field).type
+    if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t)
+            or pa.types.is_large_binary(t)):
+        raise UserError(f"{path}: column {field!r} is {t}, not text: pass --text-field with the column that "
+                        f"holds the text")

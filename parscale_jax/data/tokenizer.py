@@ -157,6 +157,21 @@ class HFTokenizer:
 Tokenizer = ByteTokenizer | HFTokenizer
 
 
+def encode_documents(tok: Tokenizer, docs: Sequence[str | bytes], dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(the documents' ids, each followed by EOS, as one array of ``dtype``; the cumulative end offset
+    of each document in it). Special-token strings inside documents are plain text."""
+    eos = np.asarray([tok.eos_id], dtype)
+    if isinstance(tok, ByteTokenizer):
+        encoded = [np.frombuffer(_utf8(d) if isinstance(d, str) else bytes(d), np.uint8) for d in docs]
+    else:
+        texts = [_valid_str(d) if isinstance(d, str) else bytes(d).decode("utf-8", errors="replace") for d in docs]
+        encoded = tok.encode_batch(texts, parse_special=False) if texts else []
+    ends = np.cumsum([len(e) + 1 for e in encoded], dtype=np.int64)
+    parts = [p for e in encoded for p in (e, eos)]
+    ids = np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros((0,), dtype)
+    return ids, ends
+
+
 def load_tokenizer(spec: str) -> Tokenizer:
     """``"bytes"`` -> ByteTokenizer; a path to a tokenizer.json (or a folder holding one) -> HFTokenizer."""
     if spec == "bytes":
