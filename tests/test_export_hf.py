@@ -269,6 +269,7 @@ def test_generate_equals_the_jax_generator(exports, torch_side):
         assert rows == want[P], P
         assert len({t for r in rows for t in r}) > 4  # not a degenerate continuation
         assert got["no_cache_ids"] == got["new_ids"]  # the DynamicCache path equals full recompute
+        assert got["beam_cache_equals_recompute"]
 
 
 def test_auto_tokenizer_equals_the_byte_tokenizer(torch_side):

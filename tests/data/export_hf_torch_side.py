@@ -25,10 +25,13 @@ def generate(export):
     ids = model.generate(**enc, **kw)[:, S:].tolist()
     no_cache = model.generate(**enc, use_cache=False, **kw)[:, S:].tolist()
     prompts = [row[m.bool()].tolist() for row, m in zip(enc["input_ids"], enc["attention_mask"])]
+    # Beam search reorders and expands the cache: the P streams of a beam must move together.
+    beams = dict(max_new_tokens=6, num_beams=3, num_return_sequences=2, do_sample=False)
+    beam_equal = model.generate(**enc, **beams).tolist() == model.generate(**enc, use_cache=False, **beams).tolist()
     name = type(model).__module__.rsplit(".", 1)[-1] if "transformers_modules" in type(model).__module__ \
         else type(model).__module__
     return {"class": f"{name}.{type(model).__name__}", "new_ids": ids, "no_cache_ids": no_cache,
-            "prompt_ids": prompts}
+            "prompt_ids": prompts, "beam_cache_equals_recompute": beam_equal}
 
 
 out["generate"] = {P: generate(d) for P, d in spec["exports"].items()}
