@@ -117,6 +117,8 @@ class Qwen2ParScaleForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError("qwen2_parscale takes input_ids (inputs_embeds is not supported)")
         if kwargs.get("position_ids") is not None:
             raise ValueError("position_ids are not supported: positions count the real tokens of attention_mask")
+        if kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
+            raise ValueError("output_attentions / output_hidden_states are not supported by qwen2_parscale")
         use_cache = self.config.use_cache if use_cache is None else use_cache
         B, S = input_ids.shape
         if use_cache and past_key_values is None:
