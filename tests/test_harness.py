@@ -259,8 +259,40 @@ def test_alone_vs_padded_batch_and_compiles_per_bucket(models, lms, results):
     assert lm._score._cache_size() == len(lm.buckets)  # the tasks reached every bucket
 
 
+@pytest.fixture(scope="module")
+def ckpt2(models, tmp_path_factory):
+    cfg, _, p = models[2]
+    path = str(tmp_path_factory.mktemp("ckpt") / "p2")
+    checkpoint.save_params(path, cfg, p)
+    return path
+
+
 @pytest.mark.slow
-def test_bits_per_byte_equals_eval_py_heldout(models, tmp_path, task_dir, lms, capsys):
+def test_eval_py_harness_command(ckpt2, task_dir, results, tmp_path, capsys):
+    """README's command on a saved checkpoint: the same accuracies as the adapter built in hand, the
+    table on stdout, the JSON written; unknown tasks and bad flags are one-line errors."""
+    out = tmp_path / "h.json"
+    rc = cli.main(["harness", "--checkpoint", ckpt2, "--tasks", "choice", "--include-path", str(task_dir[0]),
+                   "--batch-size", "4", "--limit", "6", "--output", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0 and "acc_norm" in printed and "choice" in printed
+    got = json.loads(out.read_text())
+    assert got["P"] == 2
+    for k in ("acc,none", "acc_norm,none"):
+        assert got["results"]["choice"][k] == results[2]["results"]["choice"][k]
+    for argv, what in [(["--tasks", "no_such_task"], "unknown lm-eval task no_such_task"),
+                       (["--tasks", "choice", "--batch-size", "0"], "--batch-size 0"),
+                       (["--tasks", "choice", "--include-path", str(tmp_path / "nope")], "not a directory")]:
+        argv = ["harness", "--checkpoint", ckpt2, *argv]
+        if "--include-path" not in argv:
+            argv += ["--include-path", str(task_dir[0])]
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and what in err[0], err
+
+
+@pytest.mark.slow
+def test_bits_per_byte_equals_eval_py_heldout(models, ckpt2, tmp_path, task_dir, lms, capsys):
     """eval.py's held-out bits per byte over [EOS doc1 EOS doc2 ...] in windows of len(doc) + 1
     tokens scores exactly the documents after EOS: the harness's rolling bits per byte on them."""
     cfg, m, p = models[2]
@@ -269,10 +301,8 @@ def test_bits_per_byte_equals_eval_py_heldout(models, tmp_path, task_dir, lms, c
     docs = ["".join(rng.choice(words, 40))[:30].ljust(30, ".") for _ in range(5)]  # 30 bytes each
     ids = np.concatenate([[EOS, *d.encode()] for d in docs]).astype(np.int32)
     np.save(tmp_path / "docs.npy", ids)
-    ckpt = str(tmp_path / "ckpt")
-    checkpoint.save_params(ckpt, cfg, p)
     out = tmp_path / "eval.json"
-    assert cli.main(["--checkpoint", ckpt, "--data", str(tmp_path / "docs.npy"), "--tokenizer", "bytes",
+    assert cli.main(["--checkpoint", ckpt2, "--data", str(tmp_path / "docs.npy"), "--tokenizer", "bytes",
                      "--seq-len", "31", "--batch-size", "4", "--output", str(out)]) == 0
     heldout = json.loads(out.read_text())
     assert heldout["windows"] == 5 and heldout["bytes"] == 150
