@@ -32,7 +32,7 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytestmark = [pytest.mark.torch, pytest.mark.slow]
 
-from parscale_jax import convert, data, harness, tasks  # noqa: E402
+from parscale_jax import convert, data, harness, loading, tasks  # noqa: E402
 from parscale_jax import decode as D  # noqa: E402
 from parscale_jax import model as M  # noqa: E402
 from parscale_jax.checkpoint import save_params  # noqa: E402
@@ -244,10 +244,17 @@ def test_export_directories_hold_what_to_hf_writes(exports):
         assert (gen["eos_token_id"], gen["pad_token_id"]) == (EOS, PAD)
 
 
-def test_byte_tokenizer_files_load_back_as_the_byte_tokenizer(exports):
-    """The project reads the byte tokenizer's Hugging Face files as ByteTokenizer (same fingerprint)."""
+def test_byte_tokenizer_files_load_back_as_the_byte_tokenizer(exports, tmp_path):
+    """The project reads the byte tokenizer's Hugging Face files as ByteTokenizer (same fingerprint),
+    and only those: another special token makes it a Hugging Face tokenizer again."""
     assert isinstance(data.load_tokenizer(exports[2][3]), data.ByteTokenizer)
+    assert loading.tokenizer_of(exports[2][3]) is None  # bytes, by the loader's rule
     assert not is_byte_tokenizer_json(exports["word"][3])
+    with open(os.path.join(exports[2][3], "tokenizer.json")) as f:
+        tj = json.load(f)
+    tj["added_tokens"][-1]["content"] = "</s>"
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
+    assert not is_byte_tokenizer_json(str(tmp_path)) and data.load_tokenizer(str(tmp_path)).eos_id == EOS
 
 
 # ---- transformers alone ---------------------------------------------------------------------------

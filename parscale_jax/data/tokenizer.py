@@ -1,6 +1,7 @@
 """Tokenizers: raw bytes (the default) or a local Hugging Face ``tokenizer.json`` (never downloaded)."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -211,6 +212,18 @@ def byte_tokenizer_hf_files(model_max_length: int) -> dict[str, str]:
             "special_tokens_map.json": json.dumps(special, indent=2)}
 
 
+def _essentials(tj: dict) -> tuple:
+    """What decides a tokenizer.json's ids and text (not the serialisation details of a version)."""
+    model, kind = tj.get("model") or {}, lambda k: (tj.get(k) or {}).get("type")
+    return (model.get("type"), model.get("vocab"), model.get("merges"), tj.get("normalizer"), kind("pre_tokenizer"),
+            kind("decoder"), sorted((t.get("id"), t.get("content"), t.get("special")) for t in tj.get("added_tokens", [])))
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_essentials() -> tuple:
+    return _essentials(json.loads(byte_tokenizer_hf().to_str()))
+
+
 def is_byte_tokenizer_json(path: str) -> bool:
     """Whether ``path`` (a tokenizer.json or a folder holding one) is :func:`byte_tokenizer_hf`."""
     path = os.path.abspath(os.path.expanduser(path))
@@ -220,7 +233,8 @@ def is_byte_tokenizer_json(path: str) -> bool:
         if os.path.getsize(path) > 200_000:  # a real vocabulary: not read here
             return False
         with open(path, encoding="utf-8") as f:
-            return json.load(f) == json.loads(byte_tokenizer_hf().to_str())
+            tj = json.load(f)
+        return isinstance(tj, dict) and _essentials(tj) == _byte_essentials()
     except (OSError, ValueError):
         return False
 
