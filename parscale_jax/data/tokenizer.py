@@ -215,8 +215,9 @@ def byte_tokenizer_hf_files(model_max_length: int) -> dict[str, str]:
 def _essentials(tj: dict) -> tuple:
     """What decides a tokenizer.json's ids and text (not the serialisation details of a version)."""
     model, kind = tj.get("model") or {}, lambda k: (tj.get(k) or {}).get("type")
+    added = sorted((t.get("id"), t.get("content"), t.get("special")) for t in tj.get("added_tokens", []))
     return (model.get("type"), model.get("vocab"), model.get("merges"), tj.get("normalizer"), kind("pre_tokenizer"),
-            kind("decoder"), sorted((t.get("id"), t.get("content"), t.get("special")) for t in tj.get("added_tokens", [])))
+            kind("decoder"), added)
 
 
 @functools.lru_cache(maxsize=1)
