@@ -199,7 +199,7 @@ class JaxLM(TemplateLM):
                 x[row, :m], y[row, :m] = s[:-1], s[1:]
                 w[row, m - n_cont[i]: m] = 1.0
             if jax.process_count() > 1:
-                self._announce(_SCORE, x.shape)
+                self._announce(_SCORE, *x.shape)
             lp, hit = self._run_score(x, y, w)
             ll[idx], greedy[idx] = lp[: len(idx)], hit[: len(idx)]
             bar.update(len(idx))

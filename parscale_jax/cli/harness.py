@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-gen-toks", type=int, default=256, help="generation limit when a task sets none")
     ap.add_argument("--log-samples", action="store_true", help="keep every request and response in --output")
     ap.add_argument("--output", default=None, help="write the results as JSON here")
+    d = ap.add_argument_group("several processes (jax.distributed; default: from the environment, else one)")
+    d.add_argument("--coordinator-address", default=None, help="host:port of process 0")
+    d.add_argument("--num-processes", type=int, default=None)
+    d.add_argument("--process-id", type=int, default=None)
     return ap
 
 
@@ -71,7 +75,8 @@ def _check(args):
 
 
 def run(args) -> int:
-    maybe_initialize_distributed(DistributedConfig())
+    maybe_initialize_distributed(DistributedConfig(coordinator_address=args.coordinator_address,
+                                                   num_processes=args.num_processes, process_id=args.process_id))
     names, tm = _check(args)
     if args.checkpoint and not os.path.exists(args.checkpoint):
         raise UserError(f"checkpoint {args.checkpoint} does not exist: pass --checkpoint a model directory")
