@@ -312,3 +312,46 @@ def test_bits_per_byte_equals_eval_py_heldout(models, ckpt2, tmp_path, task_dir,
                doc_to_target="text", metric_list=[{"metric": "bits_per_byte"}])
     got = _evaluate(lms[2], folder, ["docs"])["results"]["docs"]["bits_per_byte,none"]
     assert abs(got - heldout["bits_per_byte"]) <= 1e-4, (got, heldout["bits_per_byte"])
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_processes_serve_process_0(ckpt2, task_dir, results, tmp_path):
+    """Two JAX processes (one CPU device each): process 0 runs the harness, process 1 serves the
+    broadcast batches; every request's result equals the one-process run's."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    procs = []
+    for i in range(2):
+        argv = [sys.executable, "eval.py", "harness", "--checkpoint", ckpt2, "--tasks", "choice,roll,gen",
+                "--include-path", str(task_dir[0]), "--batch-size", "4", "--log-samples", "--output",
+                str(tmp_path / f"p{i}.json"), "--coordinator-address", f"localhost:{port}", "--num-processes", "2",
+                "--process-id", str(i)]
+        procs.append(subprocess.Popen(argv, cwd=Path(__file__).resolve().parents[1], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=900) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert "processes=2" in outs[0][1] and not (tmp_path / "p1.json").exists()  # process 1 only served
+    got = json.loads((tmp_path / "p0.json").read_text())["samples"]
+    for task in ("choice", "roll", "gen"):
+        one = sorted(results[2]["samples"][task], key=lambda s: s["doc_id"])
+        two = sorted(got[task], key=lambda s: s["doc_id"])
+        assert len(one) == len(two) > 0
+        for a, b in zip(one, two):
+            if task == "gen":
+                assert a["resps"] == b["resps"]
+            elif task == "roll":
+                assert abs(a["resps"][0][0] - float(b["resps"][0][0])) <= 1e-4
+            else:
+                for ra, rb in zip(a["resps"], b["resps"]):
+                    assert abs(ra[0][0] - float(rb[0][0])) <= 1e-4
