@@ -63,11 +63,11 @@ def to_hf(checkpoint: str, out: str, dtype: str = "float32", P: int | None = Non
                         f"project (a training workdir, or a saved model with {MODEL_CONFIG})")
     ckpt = loading.read(checkpoint)
     gen = _generation_config(checkpoint)
-    tok = loading.tokenizer_of(checkpoint)
-    tok_dir = os.path.dirname(tok) if tok and os.path.isfile(tok) else None
-    if tok and tok_dir is None:
+    tok = loading.tokenizer_of(checkpoint) or "bytes"
+    if tok != "bytes" and not os.path.isfile(tok):
         print(f"note: the checkpoint's tokenizer {tok} is not there: the export has no tokenizer files",
               file=sys.stderr)
+        tok = None
     targets = [(p, os.path.join(out, f"P{p}")) for p in ckpt.available_P] if P is None and ckpt.is_multi \
         else [(P, out)]
     written = []
@@ -75,7 +75,7 @@ def to_hf(checkpoint: str, out: str, dtype: str = "float32", P: int | None = Non
         for p, dst in targets:
             cfg_p, single = ckpt.at(p)
             written.append(hf.save_hf(dst, cfg_p, single, dtype=dtype, max_shard_size=max_shard_size,
-                                      tokenizer_dir=tok_dir, generation_config=gen))
+                                      tokenizer=tok, generation_config=gen))
     except BaseException:
         if len(targets) > 1:  # all P or none
             shutil.rmtree(out, ignore_errors=True)

@@ -163,7 +163,9 @@ class Generator:
     """Batched generation for one model and params; compiled functions are cached per setting.
 
     ``generate(prompts, max_new_tokens, ...)`` returns the new tokens per row (EOS included,
-    nothing after it) and calls ``on_chunk(tokens [B, k] np.int32)`` as chunks arrive.
+    nothing after it) and calls ``on_chunk(tokens [B, k] np.int32)`` as chunks arrive; when it
+    returns True, generation stops there (e.g. every row holds a stop string). ``prompt_len``
+    left-pads the prompts to that length (a fixed shape: one compilation for many batches).
     On CPU the generator decodes from its own per-layer copy of the weights
     (:func:`decoding_layout`): a caller that no longer needs ``params`` can drop them.
     """
@@ -194,9 +196,10 @@ class Generator:
         return min(max_new_tokens, limit - longest)
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
-                 seed: int = 0, on_chunk: Callable[[np.ndarray], None] | None = None) -> list[np.ndarray]:
+                 seed: int = 0, on_chunk: Callable[[np.ndarray], bool | None] | None = None,
+                 prompt_len: int | None = None) -> list[np.ndarray]:
         N = self.check_lengths(prompts, max_new_tokens)
-        tokens, mask = left_pad(prompts, self.pad_id)
+        tokens, mask = left_pad(prompts, self.pad_id, prompt_len)
         B, S = tokens.shape
         n_chunks = -(-(N - 1) // self.chunk)
         cache = self._init_cache(self.params, B, S + n_chunks * self.chunk)
@@ -207,18 +210,16 @@ class Generator:
         token = self._sample_first(logits, jax.random.fold_in(key, 0), st)
         done = token == eos
         first = np.asarray(token)[:, None]
-        if on_chunk:
-            on_chunk(first)
+        stop = bool(on_chunk(first)) if on_chunk else False
         out, emitted = [first], 1
         for c in range(n_chunks):
-            if bool(jnp.all(done)):
+            if stop or bool(jnp.all(done)):
                 break
             toks, cache, token, done = self._decode_chunk(self.params, cache, token, done, key,
                                                           jnp.int32(1 + c * self.chunk), st, eos)
             toks = np.asarray(toks)[:, : N - emitted]  # the last chunk may run past N
             emitted += toks.shape[1]
-            if on_chunk:
-                on_chunk(toks)
+            stop = bool(on_chunk(toks)) if on_chunk else False
             out.append(toks)
         allt = np.concatenate(out, axis=1)
         return [_until_eos(row, self.eos_id) for row in allt]

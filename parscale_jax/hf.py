@@ -27,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from parscale_jax.config import ModelConfig
+from parscale_jax.data.tokenizer import ByteTokenizer, HFTokenizer, byte_tokenizer_hf_files, is_byte_tokenizer_json
 from parscale_jax.errors import UserError
 from parscale_jax.fileio import atomic_dir, write_json
 from parscale_jax.params import check_finite
@@ -36,6 +37,12 @@ SAFE_SINGLE = "model.safetensors"
 # Files of a Hugging Face tokenizer that travel with a checkpoint in either direction.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "added_tokens.json", "tokenizer.model")
+# The transformers code that every P > 1 export carries: verbatim copies of these modules of the
+# package (modeling_qwen2_parscale runs torch_ref's forward), named by auto_map in config.json, so that
+# AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True) needs nothing else.
+REMOTE_CODE = ("configuration_qwen2_parscale.py", "modeling_qwen2_parscale.py", "torch_ref.py")
+AUTO_MAP = {"AutoConfig": "configuration_qwen2_parscale.Qwen2ParScaleConfig",
+            "AutoModelForCausalLM": "modeling_qwen2_parscale.Qwen2ParScaleForCausalLM"}
 AUTHORS_SMOOTH_DEFAULT = 0.01  # the authors' Qwen2ParScaleConfig default (spec section 2)
 HF_MODEL_TYPES = ("qwen2", "qwen2_parscale")
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # weights of other dtypes are refused
@@ -102,6 +109,8 @@ def hf_config_dict(cfg: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
     }
     if cfg.head_dim is not None:
         d["head_dim"] = cfg.head_dim
+    if parscale:
+        d["auto_map"] = dict(AUTO_MAP)
     return d
 
 
@@ -444,13 +453,14 @@ def _write_weights(folder: str, tensors: dict[str, np.ndarray], limit: int) -> N
 
 
 def save_hf(out_dir: str, cfg: ModelConfig, params: dict, dtype: str = "float32",
-            max_shard_size: str | int = "2GB", tokenizer_dir: str | None = None,
+            max_shard_size: str | int = "2GB", tokenizer: str | None = "bytes",
             generation_config: dict | None = None) -> str:
     """Write ``params`` (single-P, matching ``cfg``) as a Hugging Face directory, atomically.
 
     ``dtype``: float32 or bfloat16 for the weights. Above ``max_shard_size`` the weights are
-    sharded with a ``model.safetensors.index.json``. Tokenizer files found in
-    ``tokenizer_dir`` are copied along.
+    sharded with a ``model.safetensors.index.json``. P > 1 adds the transformers code
+    (:data:`REMOTE_CODE`). ``tokenizer``: ``"bytes"`` (the byte tokenizer's Hugging Face files), a
+    tokenizer.json (copied with the tokenizer files beside it), or None (no tokenizer files).
     """
     if dtype not in ("float32", "bfloat16"):
         raise UserError(f"--dtype {dtype!r} is not supported: choose float32 or bfloat16")
@@ -463,11 +473,39 @@ def save_hf(out_dir: str, cfg: ModelConfig, params: dict, dtype: str = "float32"
     with atomic_dir(out_dir) as tmp:
         _write_weights(tmp, tensors, limit)
         write_json(os.path.join(tmp, "config.json"), hf_config_dict(cfg, dtype))
+        if cfg.parscale_n > 1:
+            here = os.path.dirname(os.path.abspath(__file__))
+            for fn in REMOTE_CODE:
+                shutil.copyfile(os.path.join(here, fn), os.path.join(tmp, fn))
+        ids = write_tokenizer(tmp, tokenizer, cfg.max_position_embeddings) if tokenizer else {}
         write_json(os.path.join(tmp, "generation_config.json"),
-                   {"_from_model_config": True, "use_cache": True, **(generation_config or {})})
-        if tokenizer_dir:
-            copy_tokenizer(tokenizer_dir, tmp)
+                   {"_from_model_config": True, "use_cache": True, **ids, **(generation_config or {})})
     return os.path.abspath(out_dir)
+
+
+def write_tokenizer(folder: str, tokenizer: str, model_max_length: int) -> dict[str, int]:
+    """Tokenizer files for AutoTokenizer into ``folder`` (see :func:`save_hf`); returns the EOS and
+    PAD ids for generation_config.json. A copied tokenizer.json without a tokenizer_config.json gets
+    one naming its EOS and PAD (:meth:`HFTokenizer.hf_tokenizer_config`)."""
+    if tokenizer == "bytes" or is_byte_tokenizer_json(tokenizer):
+        tok: Any = ByteTokenizer()
+        files = byte_tokenizer_hf_files(model_max_length)
+    else:
+        src = tokenizer if os.path.isfile(tokenizer) else os.path.join(tokenizer, "tokenizer.json")
+        copy_tokenizer(os.path.dirname(src), folder)
+        shutil.copy2(src, os.path.join(folder, "tokenizer.json"))
+        try:
+            tok = HFTokenizer(src)
+        except UserError as e:  # copied as it is; transformers finds no EOS either
+            print(f"note: {e}", file=sys.stderr)
+            return {}
+        has_config = os.path.isfile(os.path.join(folder, "tokenizer_config.json"))
+        files = {} if has_config else {"tokenizer_config.json": json.dumps(tok.hf_tokenizer_config(model_max_length),
+                                                                             indent=2)}
+    for fn, text in files.items():
+        with open(os.path.join(folder, fn), "w", encoding="utf-8") as f:
+            f.write(text)
+    return {"eos_token_id": int(tok.eos_id), "pad_token_id": int(tok.pad_id)}
 
 
 def copy_tokenizer(src_dir: str, dst_dir: str) -> list[str]:

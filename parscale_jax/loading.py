@@ -38,6 +38,7 @@ from parscale_jax import model as M
 from parscale_jax.checkpoint import (CKPT_DIR, COMMIT_MARKER, MODEL_CONFIG, Damaged, complete_steps, read_step_meta,
                                      verified_numpy)
 from parscale_jax.config import ModelConfig
+from parscale_jax.data.tokenizer import is_byte_tokenizer_json
 from parscale_jax.errors import UserError
 from parscale_jax.params import available_P, check_finite, is_multi, select_P
 
@@ -208,12 +209,13 @@ def _tokenizer_path(p: str, base: str) -> str:
 
 
 def tokenizer_of(path: str) -> str | None:
-    """The tokenizer.json of a checkpoint by the rule of this module (None: the byte tokenizer).
+    """The tokenizer.json of a checkpoint by the rule of this module (None: the byte tokenizer, also
+    when the file beside it is the byte tokenizer's Hugging Face form, as exports carry it).
     A tokenizer named by the checkpoint but absent is returned as named: its reader reports it."""
     path = os.path.abspath(path)
     beside = os.path.join(path, "tokenizer.json")
     if os.path.isfile(beside):
-        return beside
+        return None if is_byte_tokenizer_json(beside) else beside
     named: Any = None
     if os.path.isfile(os.path.join(path, MODEL_CONFIG)):
         named = _read_model_config(path).get("tokenizer")

@@ -12,6 +12,12 @@ gives nothing away. The answer's position is random. Everything is drawn from
 ``random.Random(seed)`` over sorted file lists, so a given source (for the standard library:
 a given Python version) and seed always give the same file.
 Records: ``{"context", "choices", "answer", "doc": "path:line"}``.
+
+Beside the JSONL the builder writes an lm-evaluation-harness task directory (``tasks/nextline/``:
+``nextline.yaml`` and the loader ``nextline_data.py``, which reads ``../nextline.jsonl``), so the
+task also runs through the harness (``eval.py harness --tasks nextline --include-path tasks/nextline``)
+and any model lm-eval runs can be scored on it. ``python -m parscale_jax.tasks lm-eval FILE.jsonl``
+writes the same directory for any choice-task JSONL.
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ import random
 import sys
 from typing import Iterable
 
-from parscale_jax import data
+from parscale_jax import data, evaluate
 from parscale_jax.errors import UserError, cli_entry
 from parscale_jax.fileio import atomic_file
 
@@ -135,6 +141,61 @@ def write_jsonl(records: list[dict], out: str) -> None:
             f.write(json.dumps(r, ensure_ascii=True) + "\n")
 
 
+_TASK_YAML = """\
+# lm-evaluation-harness task for {jsonl}, written by `python -m parscale_jax.tasks`.
+# Run: python eval.py harness --checkpoint CKPT --tasks {name} --include-path {folder}
+task: {name}
+custom_dataset: !function {name}_data.load
+output_type: multiple_choice
+test_split: test
+doc_to_text: context
+doc_to_choice: choices
+doc_to_target: answer
+target_delimiter: ""
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+_TASK_LOADER = '''"""Reads ../{jsonl} for the lm-eval task {name} (written by `python -m parscale_jax.tasks`)."""
+import json
+import os
+
+import datasets
+
+
+def load(**kwargs):
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "{jsonl}")
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    keep = ("context", "choices", "answer")
+    return datasets.DatasetDict({{"test": datasets.Dataset.from_list([{{k: r[k] for k in keep}} for r in rows])}})
+'''
+
+
+def write_task_dir(jsonl: str) -> str:
+    """Write the lm-eval task directory of a choice-task JSONL beside it (``tasks/x.jsonl`` ->
+    ``tasks/x/x.yaml`` + ``tasks/x/x_data.py``; task name ``x``). The context and the choice are
+    joined with no delimiter (``target_delimiter: ""``), as the JSONL's choices carry their own
+    leading space when they need one. Returns the directory."""
+    stem = os.path.splitext(os.path.basename(jsonl))[0]
+    name = "".join(ch if ch.isalnum() or ch == "_" else "_" for ch in stem)
+    folder = os.path.join(os.path.dirname(os.path.abspath(jsonl)), stem)
+    os.makedirs(folder, exist_ok=True)
+    fmt = dict(name=name, jsonl=os.path.basename(jsonl), folder=os.path.relpath(folder))
+    with atomic_file(os.path.join(folder, f"{name}.yaml"), "w", encoding="utf-8") as f:
+        f.write(_TASK_YAML.format(**fmt))
+    with atomic_file(os.path.join(folder, f"{name}_data.py"), "w", encoding="utf-8") as f:
+        f.write(_TASK_LOADER.format(**fmt))
+    return folder
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m parscale_jax.tasks", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -146,19 +207,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text source (the training pipeline's data.source): its held-out files are used")
     b.add_argument("--heldout-fraction", type=float, default=None,
                    help="the training run's data.heldout_fraction (default: the pipeline's default)")
+    w = sub.add_parser("lm-eval", help="write the lm-evaluation-harness task directory of a choice-task JSONL")
+    w.add_argument("jsonl", help="a JSONL of {context, choices, answer} records")
     return ap
 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.cmd == "lm-eval":
+        evaluate.load_tasks(args.jsonl)  # a malformed record is reported here, not inside the harness
+        print(f"wrote {write_task_dir(args.jsonl)} (lm-eval task {os.path.splitext(os.path.basename(args.jsonl))[0]})")
+        return 0
     if args.n < 1:
         raise UserError(f"--n {args.n} is invalid: use a positive number of records")
     records = build_nextline(heldout_source_files(args.source, args.heldout_fraction), args.n, args.seed)
     write_jsonl(records, args.out)
+    folder = write_task_dir(args.out)
     what = f"Python {sys.version.split()[0]} stdlib" if args.source == "stdlib" else args.source
     print(f"wrote {len(records)} records to {args.out} ({os.path.getsize(args.out) / 1024:.0f} KiB, "
-          f"{what} held-out split, seed {args.seed})")
+          f"{what} held-out split, seed {args.seed}) and the lm-eval task directory {folder}")
     return 0
 
 

@@ -125,7 +125,8 @@ class Attention(nn.Module):
         return (self.prefix_k.repeat_interleave(batch, dim=0), self.prefix_v.repeat_interleave(batch, dim=0))
 
     def forward(self, x, cos, sin, allowed, past):
-        """x [N, S, H] (N = P*B); cos/sin [N, 1, S, hd]; allowed [N, 1, S, Tk] bool; past (k, v) or None."""
+        """x [N, S, H] (N = P*B); cos/sin [N, 1, S, hd]; allowed [N, 1, S, Tk] bool; past (k, v) or None,
+        or a function (k, v) of the new entries -> (k, v) of every entry (prefix, earlier tokens, new)."""
         c = self.c
         N, S, _ = x.shape
         nH, nKV, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -134,7 +135,9 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(N, S, nKV, hd).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        if past is not None:  # prefix entries (not rotated) and earlier tokens come first
+        if callable(past):  # a cache that stores the new entries itself (the transformers export's)
+            k, v = past(k, v)
+        elif past is not None:  # prefix entries (not rotated) and earlier tokens come first
             k = torch.cat([past[0], k], dim=2)
             v = torch.cat([past[1], v], dim=2)
         rep = nH // nKV
@@ -205,53 +208,10 @@ class TorchParScale(nn.Module):
 
     def init_cache(self, batch: int) -> dict:
         """An empty cache; for P > 1 each layer starts with the T prefix entries of each stream."""
-        dev = self.model.embed_tokens.weight.device
-        kv = ([None] * self.c.num_hidden_layers if self.c.parscale_n == 1
-              else [layer.self_attn.prefix_cache(batch) for layer in self.model.layers])
-        return {"kv": kv, "valid": torch.zeros(batch, 0, dtype=torch.bool, device=dev),
-                "seen": torch.zeros(batch, dtype=torch.long, device=dev)}
+        return init_cache(self, batch)
 
     def forward(self, input_ids, attention_mask=None, cache=None, return_cache: bool = False):
-        c = self.c
-        P = c.parscale_n
-        T = c.parscale_n_tokens if P > 1 else 0
-        B, S = input_ids.shape
-        dev = input_ids.device
-        mask = (torch.ones(B, S, dtype=torch.bool, device=dev) if attention_mask is None
-                else attention_mask.to(device=dev, dtype=torch.bool))
-        if cache is None:
-            cache = self.init_cache(B)
-        n = cache["valid"].shape[1]  # token slots already in the cache
-        # Real tokens keep positions 0, 1, ... counting real tokens only; the prefix does not shift them.
-        positions = cache["seen"][:, None] + (mask.long().cumsum(1) - 1).clamp(min=0)  # [B, S]
-        valid = torch.cat([cache["valid"], mask], dim=1)  # [B, n + S]
-        q_slot = n + torch.arange(S, device=dev)
-        k_slot = torch.arange(n + S, device=dev)
-        tok = (k_slot[None, None, :] <= q_slot[None, :, None]) & valid[:, None, :]
-        tok = tok | (k_slot[None, None, :] == q_slot[None, :, None])  # a padded query sees itself
-        allowed = torch.cat([torch.ones(B, S, T, dtype=torch.bool, device=dev), tok], dim=-1)  # prefix: all
-        allowed = allowed[:, None].repeat(P, 1, 1, 1)  # rows p*B+b
-        x = self.model.embed_tokens(input_ids).repeat(P, 1, 1)  # [P*B, S, H], stream-major
-        cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta)  # [B, S, hd]
-        cos = cos[:, None].repeat(P, 1, 1, 1).to(x.dtype)
-        sin = sin[:, None].repeat(P, 1, 1, 1).to(x.dtype)
-        kv = []
-        for layer, past in zip(self.model.layers, cache["kv"]):
-            x, present = layer(x, cos, sin, allowed, past)
-            kv.append(present)
-        x = self.model.norm(x)  # the final norm, on each stream
-        if P > 1:
-            H = c.hidden_size
-            xs = x.view(P, B, S, H)
-            cat = xs.permute(1, 2, 3, 0).reshape(B, S, H * P)  # feature h*P + p
-            w = torch.softmax(self.model.aggregate_layer(cat).float(), dim=-1)  # [B, S, P]
-            eps = c.parscale_attn_smooth
-            w = w * (1 - eps) + eps / P
-            x = (xs.float() * w.permute(2, 0, 1)[..., None]).sum(0).to(x.dtype)
-        logits = self.lm_head(x)
-        if not return_cache:
-            return logits
-        return logits, {"kv": kv, "valid": valid, "seen": cache["seen"] + mask.long().sum(1)}
+        return causal_lm(self, input_ids, attention_mask, cache, return_cache)
 
     def generate(self, input_ids, max_new_tokens: int, attention_mask=None, eos_token_id: int | None = None):
         """Greedy decoding with the KV cache: prefill once, then one token per step.
@@ -307,6 +267,61 @@ class TorchParScale(nn.Module):
             raise ValueError(f"{path}: weights do not match config.json: missing {missing[:5]}, unexpected {extra[:5]}")
         model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
         return model.to(dtype or torch.float32).eval()
+
+
+# The forward as functions of ``net``: a TorchParScale, or any module with its ``c`` (RefConfig), ``model``
+# (Body) and ``lm_head``, such as the transformers class that exports carry (modeling_qwen2_parscale).
+def init_cache(net, batch: int) -> dict:
+    """An empty cache; for P > 1 each layer starts with the T prefix entries of each stream."""
+    dev = net.model.embed_tokens.weight.device
+    kv = ([None] * net.c.num_hidden_layers if net.c.parscale_n == 1
+          else [layer.self_attn.prefix_cache(batch) for layer in net.model.layers])
+    return {"kv": kv, "valid": torch.zeros(batch, 0, dtype=torch.bool, device=dev),
+            "seen": torch.zeros(batch, dtype=torch.long, device=dev)}
+
+
+def causal_lm(net, input_ids, attention_mask=None, cache=None, return_cache: bool = False):
+    """Logits ``[B, S, V]`` of ``net`` (and the new cache with ``return_cache``); see TorchParScale."""
+    c = net.c
+    P = c.parscale_n
+    T = c.parscale_n_tokens if P > 1 else 0
+    B, S = input_ids.shape
+    dev = input_ids.device
+    mask = (torch.ones(B, S, dtype=torch.bool, device=dev) if attention_mask is None
+            else attention_mask.to(device=dev, dtype=torch.bool))
+    if cache is None:
+        cache = init_cache(net, B)
+    n = cache["valid"].shape[1]  # token slots already in the cache
+    # Real tokens keep positions 0, 1, ... counting real tokens only; the prefix does not shift them.
+    positions = cache["seen"][:, None] + (mask.long().cumsum(1) - 1).clamp(min=0)  # [B, S]
+    valid = torch.cat([cache["valid"], mask], dim=1)  # [B, n + S]
+    q_slot = n + torch.arange(S, device=dev)
+    k_slot = torch.arange(n + S, device=dev)
+    tok = (k_slot[None, None, :] <= q_slot[None, :, None]) & valid[:, None, :]
+    tok = tok | (k_slot[None, None, :] == q_slot[None, :, None])  # a padded query sees itself
+    allowed = torch.cat([torch.ones(B, S, T, dtype=torch.bool, device=dev), tok], dim=-1)  # prefix: all
+    allowed = allowed[:, None].repeat(P, 1, 1, 1)  # rows p*B+b
+    x = net.model.embed_tokens(input_ids).repeat(P, 1, 1)  # [P*B, S, H], stream-major
+    cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta)  # [B, S, hd]
+    cos = cos[:, None].repeat(P, 1, 1, 1).to(x.dtype)
+    sin = sin[:, None].repeat(P, 1, 1, 1).to(x.dtype)
+    kv = []
+    for layer, past in zip(net.model.layers, cache["kv"]):
+        x, present = layer(x, cos, sin, allowed, past)
+        kv.append(present)
+    x = net.model.norm(x)  # the final norm, on each stream
+    if P > 1:
+        H = c.hidden_size
+        xs = x.view(P, B, S, H)
+        cat = xs.permute(1, 2, 3, 0).reshape(B, S, H * P)  # feature h*P + p
+        w = torch.softmax(net.model.aggregate_layer(cat).float(), dim=-1)  # [B, S, P]
+        eps = c.parscale_attn_smooth
+        w = w * (1 - eps) + eps / P
+        x = (xs.float() * w.permute(2, 0, 1)[..., None]).sum(0).to(x.dtype)
+    logits = net.lm_head(x)
+    if not return_cache:
+        return logits
+    return logits, {"kv": kv, "valid": valid, "seen": cache["seen"] + mask.long().sum(1)}
 
 
 # ---- command line --------------------------------------------------------------------------

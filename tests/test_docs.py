@@ -27,6 +27,7 @@ import yaml
 from parscale_jax import aot, convert, scaling, tasks, torch_ref, train_config
 from parscale_jax.cli import eval as eval_cli
 from parscale_jax.cli import generate
+from parscale_jax.cli import harness as harness_cli
 from parscale_jax.cli import train as train_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,6 +41,8 @@ EXERCISED = {
     "python train.py --config configs/tiny.yaml --workdir runs/tiny-p4 model.parscale_n=4": "tests/test_train.py",
     "python eval.py --checkpoint runs/tiny-p4": "tests/test_recycle.py",
     "python eval.py --checkpoint runs/tiny-p4 --tasks tasks/nextline.jsonl": "tests/test_eval.py",
+    "python eval.py harness --checkpoint runs/tiny-p4 --tasks nextline --include-path tasks/nextline":
+        "tests/test_harness.py",
     'python eval.py generate --checkpoint runs/tiny-p4 --prompt "def fib(n):" --max-new-tokens 64':
         "tests/test_decode.py",
     "python -m parscale_jax.convert to-hf --checkpoint runs/tiny-p4 --out export/tiny-p4": "tests/test_convert.py",
@@ -109,6 +112,8 @@ def check_parses(cmd: str, monkeypatch) -> None:
     elif prog == "eval.py":
         if argv[:1] == ["generate"]:
             generate.build_parser().parse_args(argv[1:])
+        elif argv[:1] == ["harness"]:
+            harness_cli.build_parser().parse_args(argv[1:])
         else:
             eval_cli.build_parser().parse_args(argv)
     elif prog in PARSERS:
@@ -159,7 +164,7 @@ def test_mapped_commands_use_only_what_their_tests_exercise():
         prog, argv = argv_of(cmd)
         words = [w for w in argv if w.startswith("--")] + [w.split("=")[0] for w in argv if "=" in w]
         words += [argv[0]] if prog in ("parscale_jax.convert", "parscale_jax.tasks") else []
-        words += ["generate"] if argv[:1] == ["generate"] else []
+        words += [argv[0]] if argv[:1] in (["generate"], ["harness"]) else []
         words.append({"train.py": "train", "eval.py": "eval"}.get(prog, prog.split(".")[-1]))
         missing = [w for w in words if w not in src]
         assert not missing, f"{where} does not exercise {missing} of README command {cmd!r}"
@@ -177,6 +182,7 @@ def test_cheap_readme_commands_run(tmp_path, monkeypatch, capsys):
         elif prog == "parscale_jax.tasks":
             assert tasks.main(argv) == 0
             assert len((tmp_path / "tasks" / "nextline.jsonl").read_text().splitlines()) == 400
+            assert (tmp_path / "tasks" / "nextline" / "nextline.yaml").is_file()  # its lm-eval task directory
         else:
             raise AssertionError(f"no runner here for {cmd}")
         capsys.readouterr()

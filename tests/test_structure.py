@@ -24,10 +24,11 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("configs", {"config", "data.config"}),
     ("data, model, optimisation", {"data", "attention", "model", "loss", "flops", "params", "optim", "sharding",
                                    "train_config"}),
-    ("formats and steps", {"hf", "checkpoint", "decode", "evaluate", "train_step", "torch_ref"}),
+    ("formats and steps", {"hf", "checkpoint", "decode", "evaluate", "train_step", "torch_ref",
+                           "configuration_qwen2_parscale", "modeling_qwen2_parscale"}),
     ("the loader", {"loading"}),
     ("recycling", {"recycle"}),
-    ("programs", {"convert", "resume", "runner", "tasks", "scaling", "aot"}),
+    ("programs", {"convert", "resume", "runner", "tasks", "scaling", "aot", "harness"}),
     ("command lines", {"cli"}),
 ]
 LONG_FUNCTION_OK: set[tuple[str, str]] = set()
@@ -74,6 +75,12 @@ def project_imports(source: str, modules=MODULES) -> list[tuple[str, int, bool]]
                         m = resolve(a.name[len("parscale_jax."):])
                         if m:
                             out.append((m, child.lineno, in_function))
+            elif isinstance(child, ast.ImportFrom) and child.level == 1:
+                # Relative imports (only the remote code that exports carry, top-level modules, has them).
+                for a in child.names:
+                    m = resolve(f"{child.module}.{a.name}" if child.module else a.name) or resolve(child.module or "")
+                    if m:
+                        out.append((m, child.lineno, in_function))
             elif isinstance(child, ast.ImportFrom) and child.module and child.level == 0 \
                     and (child.module == "parscale_jax" or child.module.startswith("parscale_jax.")):
                 base = child.module[len("parscale_jax"):].lstrip(".")

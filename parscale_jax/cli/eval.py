@@ -5,6 +5,7 @@
   choice tasks    python eval.py --checkpoint PATH --tasks tasks/nextline.jsonl [--P n]
   generation      python eval.py generate --checkpoint PATH --prompt TEXT [--prompt-file F]
                                  [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p p] [--seed S]
+  lm-eval tasks   python eval.py harness --checkpoint PATH --tasks T1,T2 [--include-path DIR] [--limit N]
 
 Loss: the token stream is cut into consecutive windows of L tokens, each scored on its L-1
 next-token targets (``evaluate.heldout_loss``, the same function the training loop calls); only
@@ -23,7 +24,7 @@ import time
 
 from parscale_jax import data
 from parscale_jax import evaluate as E
-from parscale_jax.cli import generate
+from parscale_jax.cli import generate, harness
 from parscale_jax.cli.common import add_model_args, load_model, run_data, tokenizer_known
 from parscale_jax.errors import UserError, cli_entry
 from parscale_jax.fileio import write_json
@@ -32,7 +33,7 @@ from parscale_jax.metrics import Progress
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="eval.py", description="Held-out loss and choice-task accuracy.",
-                                 epilog="Generation: eval.py generate --help")
+                                 epilog="Generation: eval.py generate --help; lm-eval tasks: eval.py harness --help")
     add_model_args(ap)
     ap.add_argument("--data", default=None,
                     help="a prepared dataset directory, 'stdlib', or a text file / dir / glob, JSONL, .npy token ids "
@@ -193,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "generate":
         return generate.run(generate.build_parser().parse_args(argv[1:]))
+    if argv and argv[0] == "harness":
+        return harness.run(harness.build_parser().parse_args(argv[1:]))
     if argv and argv[0] in ("loss", "tasks"):
         argv = argv[1:]
     return run_eval(build_parser().parse_args(argv))

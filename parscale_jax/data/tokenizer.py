@@ -1,6 +1,7 @@
 """Tokenizers: raw bytes (the default) or a local Hugging Face ``tokenizer.json`` (never downloaded)."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -150,6 +151,13 @@ class HFTokenizer:
         """UTF-8 bytes of the decoded text (special tokens count 0)."""
         return len(self.decode(ids).encode("utf-8"))
 
+    def hf_tokenizer_config(self, model_max_length: int) -> dict:
+        """A tokenizer_config.json with which transformers' AutoTokenizer loads this tokenizer.json
+        (PreTrainedTokenizerFast) with the same EOS and PAD; no BOS is declared, as the project adds none."""
+        return {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": self._tok.id_to_token(self.eos_id),
+                "pad_token": self._tok.id_to_token(self.pad_id), "bos_token": None,
+                "clean_up_tokenization_spaces": False, "model_max_length": int(model_max_length)}
+
     def __repr__(self) -> str:
         return f"HFTokenizer({self.name!r})"
 
@@ -173,8 +181,76 @@ def encode_documents(tok: Tokenizer, docs: Sequence[str | bytes], dtype) -> tupl
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
-    """``"bytes"`` -> ByteTokenizer; a path to a tokenizer.json (or a folder holding one) -> HFTokenizer."""
-    if spec == "bytes":
+    """``"bytes"`` -> ByteTokenizer; a path to a tokenizer.json (or a folder holding one) -> HFTokenizer,
+    except the byte tokenizer's own Hugging Face form (:func:`byte_tokenizer_hf`) -> ByteTokenizer."""
+    if spec == "bytes" or is_byte_tokenizer_json(spec):
         return ByteTokenizer()
     return HFTokenizer(spec)
+
+
+# ---- the byte tokenizer as Hugging Face files (exports carry it; AutoTokenizer loads it) ---------------
+# The special tokens by id. BOS is in the vocabulary but not declared the tokenizer's bos_token: the
+# byte models never see it (EOS separates documents), and lm-eval prefixes a declared BOS to empty
+# contexts and rolling windows; without one it uses EOS, as the project's own harness does.
+BYTE_SPECIAL_TOKENS = {256: "<|pad|>", 257: "<|bos|>", 258: "<|endoftext|>"}
+
+
+def _byte_level_chars() -> list[str]:
+    """The character that a ByteLevel pre-tokenizer gives each byte value (GPT-2's byte-to-unicode
+    table): printable Latin-1 bytes stand for themselves, the other 68 are shifted to 256 + k."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
+
+
+def byte_tokenizer_hf() -> tokenizers.Tokenizer:
+    """ByteTokenizer as a ``tokenizers.Tokenizer``: ByteLevel bytes, a BPE without merges whose
+    vocabulary maps each byte's character to the byte value, and the three special tokens."""
+    vocab = {ch: b for b, ch in enumerate(_byte_level_chars())}
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()  # invalid UTF-8 decodes to U+FFFD, as ByteTokenizer.decode
+    tok.add_special_tokens([tokenizers.AddedToken(BYTE_SPECIAL_TOKENS[i], special=True, normalized=False)
+                            for i in sorted(BYTE_SPECIAL_TOKENS)])
+    return tok
+
+
+def byte_tokenizer_hf_files(model_max_length: int) -> dict[str, str]:
+    """{file name: text} of the byte tokenizer for a Hugging Face directory (PreTrainedTokenizerFast).
+    ``split_special_tokens``: text that spells a special token stays bytes, as ByteTokenizer.encode."""
+    special = {"eos_token": BYTE_SPECIAL_TOKENS[258], "pad_token": BYTE_SPECIAL_TOKENS[256]}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "bos_token": None, "unk_token": None,
+              "clean_up_tokenization_spaces": False, "split_special_tokens": True,
+              "model_max_length": int(model_max_length)}
+    return {"tokenizer.json": byte_tokenizer_hf().to_str(pretty=True),
+            "tokenizer_config.json": json.dumps(config, indent=2),
+            "special_tokens_map.json": json.dumps(special, indent=2)}
+
+
+def _essentials(tj: dict) -> tuple:
+    """What decides a tokenizer.json's ids and text (not the serialisation details of a version)."""
+    model, kind = tj.get("model") or {}, lambda k: (tj.get(k) or {}).get("type")
+    added = sorted((t.get("id"), t.get("content"), t.get("special")) for t in tj.get("added_tokens", []))
+    return (model.get("type"), model.get("vocab"), model.get("merges"), tj.get("normalizer"), kind("pre_tokenizer"),
+            kind("decoder"), added)
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_essentials() -> tuple:
+    return _essentials(json.loads(byte_tokenizer_hf().to_str()))
+
+
+def is_byte_tokenizer_json(path: str) -> bool:
+    """Whether ``path`` (a tokenizer.json or a folder holding one) is :func:`byte_tokenizer_hf`."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.isdir(path):
+        path = os.path.join(path, "tokenizer.json")
+    try:
+        if os.path.getsize(path) > 200_000:  # a real vocabulary: not read here
+            return False
+        with open(path, encoding="utf-8") as f:
+            tj = json.load(f)
+        return isinstance(tj, dict) and _essentials(tj) == _byte_essentials()
+    except (OSError, ValueError):
+        return False
 
