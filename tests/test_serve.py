@@ -34,7 +34,7 @@ def _build(P: int):
     return model, params
 
 
-@pytest.mark.parametrize("P", [1, 4])
+@pytest.mark.parametrize("P", [4])
 def test_weights_cast_once_give_the_per_step_cast_tokens(P):
     model, params = _build(P)
     per_step = D.Generator(model, params, eos_id=None, pad_id=PAD, chunk=4, serve_dtype="float32")
