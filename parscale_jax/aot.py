@@ -273,6 +273,8 @@ def decode_report(cfg, topology: str, devices: list, batch: int, max_len: int,
 
     compiled, facts = compile_decode(cfg, devices, batch, max_len, serve_dtype)
     per_chip = _memory(compiled)
+    cost = compiled.cost_analysis()
+    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
     hbm = hbm_bytes(topology)
     weights, cache = shard_bytes(facts["params"]), shard_bytes(facts["cache"])
     # the cache is donated: updated in place, one copy lives (the compiled program aliases it)
@@ -281,6 +283,9 @@ def decode_report(cfg, topology: str, devices: list, batch: int, max_len: int,
     return {"topology": topology, "chips": len(devices), "hbm_bytes": int(hbm), "mode": "decode",
             "mesh": facts["mesh"], "batch": batch, "max_len": max_len, "serve_dtype": facts["serve_dtype"],
             "cache_bytes": cache, "cache_spec": facts["cache_spec"], "cache_aliased": per_chip["aliased"] >= cache,
+            # XLA's cost analysis of the compiled step, per chip (an upper bound on the HBM traffic:
+            # every op's operands and results, fused or not)
+            "step_cost": {"flops": float(cost.get("flops", 0.0)), "bytes_accessed": float(cost.get("bytes accessed", 0.0))},
             "per_chip_bytes": per_chip, "fits": per_chip["total"] <= hbm,
             "attention_impl": "xla" if facts["attention_impl"] == "xla" else "chunked (the KV-cache path)",
             "model_flops_per_step": F.forward_flops_per_token(cfg.model, max_len) * batch,
