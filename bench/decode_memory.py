@@ -180,8 +180,9 @@ def parts_check(steps: dict, project: list[dict], batch: int) -> dict:
 
 
 def run_compiles(a, cache: dict) -> dict:
+    programs = [(m, P) for m, P in PROGRAMS if not a.only or f"{m}@{P}" in a.only]
     for topo in a.topology:
-        for model, P in PROGRAMS:
+        for model, P in programs:
             for b in BATCHES:
                 key = f"{topo}|{model}|{P}|{b}|{a.serve_dtype}"
                 if key in cache and not a.fresh:
@@ -189,7 +190,7 @@ def run_compiles(a, cache: dict) -> dict:
                 B.log(f"compiling {key} ...")
                 cache[key] = compile_one(aot_args(topo, model, P, b, a.serve_dtype))
                 B.log(f"  {cache[key].get('unavailable') or format(cache[key]['per_chip_bytes']['total'] / GiB, '.3f') + ' GiB/chip'}")
-                save(cache, partial=True)
+                save(cache, partial=True, path=a.cache)
                 if "unavailable" in cache[key]:
                     break
             if "unavailable" in cache.get(f"{topo}|{model}|{P}|1|{a.serve_dtype}", {}):
@@ -197,10 +198,10 @@ def run_compiles(a, cache: dict) -> dict:
     return cache
 
 
-def save(cache: dict, partial: bool = False, payload: dict | None = None, md: str = "") -> None:
+def save(cache: dict, partial: bool = False, payload: dict | None = None, md: str = "", path: str = "") -> None:
     payload = dict(payload or {}, compiles=cache)
     if partial:
-        path = os.path.join(B.RESULTS, f"{NAME}.json")
+        path = path or os.path.join(B.RESULTS, f"{NAME}.json")
         old = json.load(open(path)) if os.path.exists(path) else {}
         payload = {**old, "compiles": cache}
         from parscale_jax.fileio import atomic_file
@@ -320,9 +321,15 @@ def main(argv=None) -> int:
                     help="aot topologies, one chip each (e.g. v5e:1x1 h100); unknown ones are marked unavailable")
     ap.add_argument("--serve-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     ap.add_argument("--fresh", action="store_true", help="recompile (ignore the compiles cached in the JSON)")
+    ap.add_argument("--only", nargs="+", default=None, metavar="MODEL@P",
+                    help="compile only these programs (e.g. paper-2.8b@1), into --cache, and stop")
+    ap.add_argument("--cache", default=None, help="with --only: the JSON its compiles go to (merged by hand)")
     a = ap.parse_args(argv)
     path = os.path.join(B.RESULTS, f"{NAME}.json")
     cache = {} if a.fresh or not os.path.exists(path) else json.load(open(path)).get("compiles", {})
+    if a.only:
+        run_compiles(a, {})
+        return 0
     cache = run_compiles(a, cache)
     res = analyse(a, cache)
     md = markdown(res, a)
