@@ -283,8 +283,8 @@ def decode_report(cfg, topology: str, devices: list, batch: int, max_len: int,
     return {"topology": topology, "chips": len(devices), "hbm_bytes": int(hbm), "mode": "decode",
             "mesh": facts["mesh"], "batch": batch, "max_len": max_len, "serve_dtype": facts["serve_dtype"],
             "cache_bytes": cache, "cache_spec": facts["cache_spec"], "cache_aliased": per_chip["aliased"] >= cache,
-            # XLA's cost analysis of the compiled step, per chip (an upper bound on the HBM traffic:
-            # every op's operands and results, fused or not)
+            # XLA's cost analysis of the compiled step, per chip: it counts a loop body once, so
+            # with scanned layers it covers about one layer's share (not the step's traffic)
             "step_cost": {"flops": float(cost.get("flops", 0.0)), "bytes_accessed": float(cost.get("bytes accessed", 0.0))},
             "per_chip_bytes": per_chip, "fits": per_chip["total"] <= hbm,
             "attention_impl": "xla" if facts["attention_impl"] == "xla" else "chunked (the KV-cache path)",

@@ -34,6 +34,7 @@ def _build(P: int):
     return model, params
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("P", [4])
 def test_weights_cast_once_give_the_per_step_cast_tokens(P):
     model, params = _build(P)
