@@ -76,8 +76,9 @@ def jax_impl(cfg, batch, seq, decode_batch, chunk, tokens_np, prompt_np):
     done = jnp.zeros((decode_batch,), bool)
     sampling, key, eos = D.Sampling().astuple(), jax.random.PRNGKey(0), jnp.int32(-1)
 
-    def decode():
-        out = chunk_fn(host_params, cache, first, done, key, jnp.int32(1), sampling, eos)
+    def decode():  # the chunk consumes (donates) its cache, token and done: it gets copies
+        state = jax.tree.map(jnp.copy, (cache, first, done))
+        out = chunk_fn(host_params, *state, key, jnp.int32(1), sampling, eos)
         jax.block_until_ready(out)
         return out[0]
 

@@ -128,14 +128,24 @@ def compile_train(cfg, devices) -> tuple[Any, dict]:
     return compiled, facts
 
 
-def compile_decode(cfg, devices, batch: int, max_len: int) -> tuple[Any, dict]:
+def compile_decode(cfg, devices, batch: int, max_len: int, serve_dtype: str | None = None) -> tuple[Any, dict]:
     """Compile the generator's decode program (:func:`decode.make_decode_chunk`, one step per
-    call: feed a token per row, sample the next, update the cache) for ``devices``."""
-    mesh = S.make_mesh(cfg.mesh, devices)
-    model = M.make_model(cfg.model, cfg.dtype, platform="tpu")
+    call: feed a token per row, sample the next, update the donated cache in place) for
+    ``devices``, on the decode mesh (:func:`sharding.decode_mesh_shape`), with the weights in
+    the serving dtype (``serve_dtype``, default the config's ``serve_dtype``)."""
+    m = cfg.model
+    sizes = S.decode_mesh_shape(cfg.mesh, len(devices), m.num_attention_heads, m.intermediate_size, m.parscale_n)
+    mesh = S.make_mesh(cfg.mesh, devices, sizes)
+    if m.parscale_n % mesh.shape["stream"]:
+        raise UserError(f"mesh.stream={mesh.shape['stream']} does not divide model.parscale_n={m.parscale_n}: "
+                        f"use a divisor of P")
+    model = M.make_model(m, cfg.dtype, platform="tpu",
+                         stream_mesh_axis="stream" if mesh.shape["stream"] > 1 else None)
+    served = decode.serve_dtype_of(serve_dtype or cfg.serve_dtype, model.dtype)
     params = M.abstract_params(model)
-    params = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), params,
-                          S.tree_shardings(M.logical_axes(model), params, mesh))
+    params = decode.serving_params(jax.tree.map(
+        lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), params,
+        S.tree_shardings(M.logical_axes(model), params, mesh)), served)
     cache = jax.eval_shape(lambda p: M.init_cache(model, p, batch, max_len), params)
     names = {"k": ("activation_stream", None, "activation_batch", None, "activation_kv_heads", None),
              "valid": ("activation_batch", None), "index": ()}
@@ -153,7 +163,8 @@ def compile_decode(cfg, devices, batch: int, max_len: int) -> tuple[Any, dict]:
         compiled = decode.make_decode_chunk(model, pad_id=0, chunk=1).lower(
             params, cache, token, done, key, step0, sampling, eos).compile()
     return compiled, {"mesh": dict(mesh.shape), "attention_impl": model.cfg.attention_impl, "params": params,
-                      "cache": cache}
+                      "cache": cache, "serve_dtype": served,
+                      "cache_spec": {k: str(a.sharding.spec) for k, a in cache.items()}}
 
 
 # ---- the analytic estimate ----------------------------------------------------------------------
@@ -257,18 +268,25 @@ def train_report(cfg, topology: str, devices: list) -> dict[str, Any]:
             "analytic_bytes": analytic_train_bytes(cfg, facts["mesh"])}
 
 
-def decode_report(cfg, topology: str, devices: list, batch: int, max_len: int) -> dict[str, Any]:
+def decode_report(cfg, topology: str, devices: list, batch: int, max_len: int,
+                  serve_dtype: str | None = None) -> dict[str, Any]:
 
-    compiled, facts = compile_decode(cfg, devices, batch, max_len)
+    compiled, facts = compile_decode(cfg, devices, batch, max_len, serve_dtype)
     per_chip = _memory(compiled)
+    cost = compiled.cost_analysis()
+    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
     hbm = hbm_bytes(topology)
     weights, cache = shard_bytes(facts["params"]), shard_bytes(facts["cache"])
-    # the step returns a new cache (decode.py does not donate the old one): two caches live
-    analytic = {"params": weights, "kv_cache_in_and_out": 2 * cache}
+    # the cache is donated: updated in place, one copy lives (the compiled program aliases it)
+    analytic = {"params": weights, "kv_cache": cache}
     analytic["total"] = sum(analytic.values())
     return {"topology": topology, "chips": len(devices), "hbm_bytes": int(hbm), "mode": "decode",
-            "mesh": facts["mesh"], "batch": batch, "max_len": max_len, "per_chip_bytes": per_chip,
-            "fits": per_chip["total"] <= hbm,
+            "mesh": facts["mesh"], "batch": batch, "max_len": max_len, "serve_dtype": facts["serve_dtype"],
+            "cache_bytes": cache, "cache_spec": facts["cache_spec"], "cache_aliased": per_chip["aliased"] >= cache,
+            # XLA's cost analysis of the compiled step, per chip: it counts a loop body once, so
+            # with scanned layers it covers about one layer's share (not the step's traffic)
+            "step_cost": {"flops": float(cost.get("flops", 0.0)), "bytes_accessed": float(cost.get("bytes accessed", 0.0))},
+            "per_chip_bytes": per_chip, "fits": per_chip["total"] <= hbm,
             "attention_impl": "xla" if facts["attention_impl"] == "xla" else "chunked (the KV-cache path)",
             "model_flops_per_step": F.forward_flops_per_token(cfg.model, max_len) * batch,
             "analytic_bytes": analytic}
@@ -308,8 +326,10 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"train step: batch {r['batch_size']} x {r['seq_len']} tokens "
                      f"({r['sequences_per_chip']:g} sequences/chip), {r['model_flops_per_step']:.3e} model FLOPs/step")
     else:
-        lines.append(f"decode step: batch {r['batch']}, cache {r['max_len']} tokens, "
-                     f"{r['model_flops_per_step']:.3e} model FLOPs/step")
+        lines.append(f"decode step: batch {r['batch']}, cache {r['max_len']} tokens, weights {r['serve_dtype']}, "
+                     f"{r['model_flops_per_step']:.3e} model FLOPs/step; cache {g(r['cache_bytes'])} per chip "
+                     f"(k/v {r['cache_spec']['k']}), " + ("aliased (updated in place)" if r["cache_aliased"]
+                                                          else "NOT aliased"))
     lines.append("per chip (compiled): " + ", ".join(f"{k} {g(v)}" for k, v in pc.items()))
     lines.append("per chip (analytic): " + ", ".join(f"{k} {g(v)}" for k, v in an.items())
                  + f"; compiled/analytic {pc['total'] / max(an['total'], 1):.2f}")
@@ -332,6 +352,8 @@ def parse_args(argv=None):
     ap.add_argument("--decode", action="store_true", help="compile one KV-cached decode step instead")
     ap.add_argument("--batch", type=int, default=1, help="--decode: sequences decoded together")
     ap.add_argument("--max-len", type=int, default=2048, help="--decode: tokens the cache holds")
+    ap.add_argument("--serve-dtype", default=None, choices=decode.SERVE_DTYPES,
+                    help="--decode: the weights' dtype as served (default: the config's serve_dtype; auto = dtype)")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, as for train.py")
     return ap.parse_intermixed_args(argv)
 
@@ -345,7 +367,7 @@ def main(argv=None) -> int:
     if args.decode:
         if args.batch < 1 or args.max_len < 1:
             raise UserError("--batch and --max-len must be positive integers")
-        report = decode_report(cfg, args.topology, devices, args.batch, args.max_len)
+        report = decode_report(cfg, args.topology, devices, args.batch, args.max_len, args.serve_dtype)
     else:
         report = train_report(cfg, args.topology, devices)
         if args.max_batch:

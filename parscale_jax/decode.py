@@ -10,6 +10,12 @@ Each chunk comes back to the host, so tokens can be printed as they come; the ch
 is compiled once per (batch, cache length): sampling settings and EOS are traced values. Keys are
 ``fold_in(seed_key, step)``, so a seed gives the same text whatever the chunk size.
 
+Served as: the weights in the *serving dtype* (:func:`serving_params`, cast once when the
+generator is built, so a step reads each weight once in that dtype instead of reading float32 and
+casting per step), and the cache (with the step's other carried state) donated to prefill and to
+every chunk, so the compiled programs update it in place (XLA aliases it: one cache lives, not
+two). A donated argument is consumed: keep the returned cache, never the one passed in.
+
 The cache's batch axis is axis 2 of ``k``/``v`` ([P, L, B, T + max_len, nKV, hd]) and axis 0
 of ``valid``; :func:`reorder_cache` moves all P streams of a sequence together (beams, batch
 compaction).
@@ -93,6 +99,37 @@ def sample(logits: Array, key: Array, sampling: "Sampling | tuple") -> Array:
     return jnp.where(t > 0, drawn, greedy)
 
 
+# ---- the serving dtype -------------------------------------------------------------------
+SERVE_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def serve_dtype_of(serve_dtype: str | None, compute_dtype: Any) -> str:
+    """The serving dtype's name: ``serve_dtype`` ("auto" or None: the compute dtype), checked."""
+    if serve_dtype in (None, "", "auto"):
+        return jnp.dtype(compute_dtype).name
+    if serve_dtype not in SERVE_DTYPES:
+        raise UserError(f"--serve-dtype {serve_dtype!r} is not a serving dtype: choose one of "
+                        f"{', '.join(SERVE_DTYPES)} (or auto: the compute dtype)")
+    return serve_dtype
+
+
+def serving_params(params: Any, serve_dtype: str) -> Any:
+    """The params as served: every floating leaf in ``serve_dtype`` (numpy stays numpy, arrays
+    stay arrays; a leaf already in that dtype is not copied). With the serving dtype equal to
+    the compute dtype the model's per-use casts are no-ops, so a decode step reads the weights
+    once, in that dtype; the values are those the per-step cast of float32 weights gives."""
+    dt = jnp.dtype(serve_dtype)
+
+    def cast(a):
+        if not jnp.issubdtype(a.dtype, jnp.floating) or a.dtype == dt:
+            return a
+        if isinstance(a, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(a.shape, dt, sharding=a.sharding)
+        return a.astype(dt)
+
+    return jax.tree.map(cast, params)
+
+
 # ---- the decoding layout -------------------------------------------------------------------
 def decoding_layout(model: Any, params: Any, platform: str | None = None) -> tuple[Any, Any]:
     """(model, params) as the generator decodes with them. On CPU: the Python loop over layers
@@ -121,9 +158,10 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, length: int | None =
 
 
 def make_prefill(model: Any) -> Callable:
-    """jit: (params, cache, tokens [B, S], mask [B, S]) -> (last-position logits [B, V] f32, cache)."""
+    """jit: (params, cache, tokens [B, S], mask [B, S]) -> (last-position logits [B, V] f32, cache).
+    The cache is donated (updated in place): the one passed in is consumed."""
 
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnums=(1,))
     def prefill(params, cache, tokens, mask):
         logits, cache = model.apply({"params": params}, tokens, attention_mask=mask, cache=cache)
         return logits[:, -1].astype(jnp.float32), cache
@@ -138,6 +176,8 @@ def make_decode_chunk(model: Any, pad_id: int, chunk: int) -> Callable:
     (tokens [B, chunk], cache, token, done). ``token`` is the last sampled (not yet fed) token;
     a row becomes done after emitting EOS (``eos`` < 0: never); done rows feed pad (masked out
     of the cache) and emit ``pad_id``. Sampling settings and EOS are traced: one compilation.
+    The carried state (cache, token, done) is donated: the compiled chunk updates it in place,
+    and the arrays passed in are consumed (pass the returned ones to the next chunk).
     """
 
     def one(params, sampling, eos, carry, i):
@@ -149,7 +189,7 @@ def make_decode_chunk(model: Any, pad_id: int, chunk: int) -> Callable:
         done = done | (nxt == eos)
         return (cache, nxt, done, key, step0), nxt
 
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnums=(1, 2, 3))
     def decode_chunk(params, cache, token, done, key, step0, sampling, eos):
         (cache, token, done, _, _), toks = jax.lax.scan(
             functools.partial(one, params, sampling, eos), (cache, token, done, key, step0), jnp.arange(chunk))
@@ -166,13 +206,16 @@ class Generator:
     nothing after it) and calls ``on_chunk(tokens [B, k] np.int32)`` as chunks arrive; when it
     returns True, generation stops there (e.g. every row holds a stop string). ``prompt_len``
     left-pads the prompts to that length (a fixed shape: one compilation for many batches).
-    On CPU the generator decodes from its own per-layer copy of the weights
-    (:func:`decoding_layout`): a caller that no longer needs ``params`` can drop them.
+    The weights are cast once to ``serve_dtype`` (default "auto": the model's compute dtype;
+    see :func:`serving_params`), and on CPU laid out per layer (:func:`decoding_layout`): the
+    generator holds its own copy whenever either changes them, so a caller that no longer needs
+    ``params`` can drop them.
     """
 
     def __init__(self, model: Any, params: Any, eos_id: int | None, pad_id: int, chunk: int = 16,
-                 cache_dtype: Any = None):
-        model, params = decoding_layout(model, params)
+                 cache_dtype: Any = None, serve_dtype: str | None = "auto"):
+        self.serve_dtype = serve_dtype_of(serve_dtype, model.dtype)
+        model, params = decoding_layout(model, serving_params(params, self.serve_dtype))
         self.model, self.params, self.cfg = model, params, model.cfg
         self.eos_id, self.pad_id, self.chunk = eos_id, pad_id, int(chunk)
         self.cache_dtype = cache_dtype

@@ -57,16 +57,37 @@ def mesh_shape(mesh_cfg, n_devices: int) -> dict[str, int]:
     return sizes
 
 
+DEFAULT_MESH = {"data": -1, "fsdp": 1, "stream": 1, "tensor": 1}
+
+
+def decode_mesh_shape(mesh_cfg, n_devices: int, heads: int, mlp: int, streams: int) -> dict[str, int]:
+    """The mesh a decode program runs on. A mesh the config sets is kept (:func:`mesh_shape`).
+    The default (``data=-1``, every other axis 1), which replicates the weights on every chip,
+    is replaced for decoding, where one pass over the weights is the whole step: ``tensor`` =
+    the largest divisor of the device count that divides the attention heads and the MLP width
+    (weights split over heads, MLP and vocabulary), then ``stream`` = the largest divisor of the
+    devices left that divides P (the streams' prefixes, cache and compute split), ``data`` the
+    rest (batch rows). KV heads fewer than ``tensor`` are replicated (see docs/accelerators.md)."""
+    sizes = {a: int(getattr(mesh_cfg, a)) for a in AXES}
+    if sizes != DEFAULT_MESH:
+        return mesh_shape(mesh_cfg, n_devices)
+    divisors = [d for d in range(1, n_devices + 1) if n_devices % d == 0]
+    tensor = max(d for d in divisors if heads % d == 0 and mlp % d == 0)
+    stream = max(d for d in divisors if (n_devices // tensor) % d == 0 and streams % d == 0)
+    return {"data": n_devices // (tensor * stream), "fsdp": 1, "stream": stream, "tensor": tensor}
+
+
 def _fmt(sizes: dict[str, int]) -> str:
     return " ".join(f"{a}={v}" for a, v in sizes.items())
 
 
-def make_mesh(mesh_cfg, devices: list | None = None) -> Mesh:
+def make_mesh(mesh_cfg, devices: list | None = None, sizes: dict[str, int] | None = None) -> Mesh:
     """The mesh of ``devices`` (default: all) with every axis of type Auto (sharding propagated
     by XLA from the params' and the logical constraints' shardings). Activate it with
-    :func:`activate` (``jax.set_mesh`` plus the logical axis rules)."""
+    :func:`activate` (``jax.set_mesh`` plus the logical axis rules). ``sizes``: axis sizes
+    already resolved (e.g. :func:`decode_mesh_shape`) instead of ``mesh_cfg``'s."""
     devices = jax.devices() if devices is None else list(devices)
-    sizes = mesh_shape(mesh_cfg, len(devices))
+    sizes = mesh_shape(mesh_cfg, len(devices)) if sizes is None else sizes
     shape = tuple(sizes[a] for a in AXES)
     auto = (AxisType.Auto,) * len(AXES)
     try:  # a topology-aware device order (ICI neighbours on inner axes)

@@ -25,6 +25,7 @@ from parscale_jax.errors import UserError
 SCHEDULES = ("cosine", "wsd", "constant")
 DTYPES = ("float32", "bfloat16")
 REMATS = ("none", "full", "save_dots")
+SERVE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 NAN_POLICIES = ("stop", "skip")
 
 
@@ -134,6 +135,7 @@ class TrainConfig:
     steps: int = 1000              # optimizer steps
     batch_size: int = 32           # global batch in sequences (of data.seq_len tokens) per step
     dtype: str = "bfloat16"        # compute dtype; params and optimizer state stay float32
+    serve_dtype: str = "auto"      # decoding: the weights cast once to this (auto = dtype)
     remat: str = "none"            # none | full (recompute each layer) | save_dots
     scan_layers: bool = True       # stack layers with lax.scan (compile time flat in depth)
     seed: int = 0                  # params init and the step RNG
@@ -166,6 +168,8 @@ class TrainConfig:
             raise _bad("batch_size", self.batch_size, "use an integer >= 1")
         if self.dtype not in DTYPES:
             raise _bad("dtype", self.dtype, f"choose one of {', '.join(DTYPES)}")
+        if self.serve_dtype not in SERVE_DTYPES:
+            raise _bad("serve_dtype", self.serve_dtype, f"choose one of {', '.join(SERVE_DTYPES)}")
         if self.remat not in REMATS:
             raise _bad("remat", self.remat, f"choose one of {', '.join(REMATS)}")
         if self.nan_policy not in NAN_POLICIES:
@@ -456,6 +460,7 @@ KEY_DOCS: dict[str, str] = {
     "steps": "optimizer steps",
     "batch_size": "global batch in sequences per step (split over processes and data shards)",
     "dtype": "compute dtype: bfloat16 or float32 (params and optimizer state stay float32)",
+    "serve_dtype": "decoding (aot --decode): the weights cast once to auto (= dtype), bfloat16, float16 or float32",
     "remat": "none, full (recompute each layer in the backward pass) or save_dots",
     "scan_layers": "stack layers with lax.scan (false: unrolled, longer compiles)",
     "seed": "params init and step RNG",

@@ -23,6 +23,9 @@ TINY = ["--config", "configs/tiny.yaml", "--topology", "v5e:2x2", "model.parscal
 TRAIN = [*TINY, "data.seq_len=128", "batch_size=8"]
 REPLICATED = [*TRAIN, "mesh.fsdp=1", "mesh.data=4"]  # the same step with the state on every chip
 DECODE = [*TINY, "--decode", "--batch", "4", "--max-len", "64"]
+# the default mesh (data=-1): decoding replaces it by one that shards the weights
+SERVED = ["--config", "configs/tiny.yaml", "--topology", "v5e:2x2", "model.parscale_n=2", "--decode", "--batch", "2",
+          "--max-len", "64", "--serve-dtype", "bfloat16"]
 
 
 def _start(args, out: Path):
@@ -34,7 +37,8 @@ def _start(args, out: Path):
 def reports(tmp_path_factory):
     root = tmp_path_factory.mktemp("aot")
     jobs = {"train": _start(TRAIN, root / "train.json"), "replicated": _start(REPLICATED, root / "replicated.json"),
-            "decode": _start(DECODE, root / "decode.json"), "mesh": _start([*TINY, "mesh.fsdp=2"], root / "mesh.json")}
+            "decode": _start(DECODE, root / "decode.json"), "served": _start(SERVED, root / "served.json"),
+            "mesh": _start([*TINY, "mesh.fsdp=2"], root / "mesh.json")}
     out = {}
     for name, job in jobs.items():
         stdout, stderr = job.communicate(timeout=600)
@@ -85,6 +89,27 @@ def test_decode_step_compiles(reports):
     cache_per_chip = 2 * (2 * 2 * 1 * (16 + 64) * 2 * 16 * 4)
     assert r["per_chip_bytes"]["arguments"] > cache_per_chip
     assert r["fits"] is True
+    # the cache is donated: the compiled program aliases (updates in place) at least all of it
+    # (with the cache's `valid` flags, one row of 80 per chip, and its int32 `index`)
+    assert r["cache_bytes"] == cache_per_chip + 80 + 4 and r["per_chip_bytes"]["aliased"] >= r["cache_bytes"]
+    assert r["cache_aliased"] is True and "aliased (updated in place)" in stdout
+
+
+def test_decode_default_mesh_shards_weights_served_in_bfloat16(reports):
+    rc, stdout, stderr, r = reports["served"]
+    assert rc == 0, stderr[-2000:]
+    # 4 heads and an MLP of 160 divide by 4: tensor=4 (not data=4, which would replicate the weights)
+    assert r["mesh"] == {"data": 1, "fsdp": 1, "stream": 1, "tensor": 4} and r["serve_dtype"] == "bfloat16"
+    # 2 KV heads on tensor=4 are not split: the whole cache on every chip (compute dtype float32):
+    # k and v, 2 streams x 2 layers x 2 rows x (16 prefix + 64) slots x 2 heads x 16
+    cache = 2 * (2 * 2 * 2 * (16 + 64) * 2 * 16 * 4)
+    assert r["cache_bytes"] == cache + 2 * 80 + 4 and r["per_chip_bytes"]["aliased"] >= r["cache_bytes"]
+    from parscale_jax import model as M
+    from parscale_jax.config import preset
+
+    n = M.count_params(M.abstract_params(M.make_model(preset("tiny", parscale_n=2))))
+    # bfloat16 weights, most of them split 4 ways: well under the float32 weights on one chip
+    assert r["analytic_bytes"]["params"] < 2 * n * 0.5
 
 
 def test_mismatched_mesh_is_one_line(reports):

@@ -23,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1 = off")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--chunk", type=int, default=16, help="decode steps per compiled chunk (printed as they come)")
+    ap.add_argument("--serve-dtype", default="auto", choices=("auto", *D.SERVE_DTYPES),
+                    help="the weights' dtype as served, cast once when loaded (auto: the compute --dtype; "
+                         "float32 with --dtype bfloat16 casts every weight at every step)")
     ap.add_argument("--no-stop", action="store_true", help="do not stop at EOS")
     ap.add_argument("--output", default=None, help="write the generations as JSON here")
     return ap
@@ -82,7 +85,8 @@ def run(args) -> int:
     ids = [[int(t) for t in tok.encode(p)] for p in prompts]
     eos = None if args.no_stop else tok.eos_id
     pad = tok.pad_id if getattr(tok, "pad_id", None) is not None else (tok.eos_id or 0)
-    gen = D.Generator(model, params, eos_id=eos, pad_id=pad, chunk=args.chunk)
+    gen = D.Generator(model, params, eos_id=eos, pad_id=pad, chunk=args.chunk, serve_dtype=args.serve_dtype)
+    del params  # the generator holds the weights as served
     n_new = gen.check_lengths(ids, args.max_new_tokens)
     if n_new < args.max_new_tokens:
         print(f"note: generating at most {n_new} tokens (the model has {cfg.max_position_embeddings} positions)",
