@@ -116,3 +116,12 @@ def test_this_process_never_sees_a_cuda_plugin():
 
     assert importlib.util.find_spec("jax_plugins") is None
     assert jax.default_backend() == "cpu"
+
+
+def test_missing_cuda_packages_is_a_user_error(monkeypatch, tmp_path):
+    monkeypatch.delenv("PARSCALE_CUDA_PATH", raising=False)
+    monkeypatch.setattr(sys, "prefix", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="make setup"):
+        aot._cuda_path()
+    assert aot.main(["--topology", "h100:9x", "--config", "configs/tiny.yaml"]) == 2  # a bad name: one line
