@@ -9,12 +9,16 @@ STAMP := $(VENV)/.installed
 # libtpu (the `aot` extra's pin) goes to .venv/libtpu, off sys.path: parscale_jax.aot loads it to
 # compile for TPU topologies on this host; nothing else sees it.
 LIBTPU = $(shell grep -o '"libtpu==[^"]*"' pyproject.toml | tr -d '"')
+# The CUDA compile-only packages (the `aot-gpu` extra's pins) go to .venv/cuda, off sys.path the
+# same way: parscale_jax.aot puts them on the path of its child process for GPU topologies only.
+CUDA_AOT = $(shell sed -n '/^aot-gpu = \[/,/^\]/p' pyproject.toml | grep -o '"[^"]*=="[^"]*"\|"[^"]*==[^"]*"' | tr -d '"')
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	$(BIN)/python -m pip install -q --no-deps --upgrade --target $(VENV)/libtpu "$(LIBTPU)"
+	$(BIN)/python -m pip install -q --no-deps --upgrade --target $(VENV)/cuda $(CUDA_AOT)
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -22,14 +22,22 @@ query sees the padding up to itself (never an empty row); nothing of it reaches 
   through a causal mask shifted by that block (``CausalMask(offset=Tp)``); its unused slots
   and the left padding are separated by segment ids.
 * ``cudnn``: cuDNN flash attention (``jax.nn.dot_product_attention(implementation="cudnn",
-  is_causal=True)``). The prefix enters as T extra keys in front with T dummy queries in
-  front, so the plain causal mask of length T + S is exactly "all prefix keys, then causal";
-  left padding is rolled to the right and passed as sequence lengths.
+  is_causal=True)``) inside ``jax.shard_map`` like splash, so each GPU's fused call holds only
+  its own rows. The prefix enters as T extra keys in front with T dummy queries in front, so
+  the plain causal mask of length T + S is exactly "all prefix keys, then causal"; left
+  padding is rolled to the right and passed as sequence lengths. The one difference from the
+  rule: a padded query's output is zero (cuDNN masks padded queries out), not the attention
+  over the padding before it; nothing of a padded row reaches a real token either way.
+  cuDNN flash takes 16-bit inputs, head_dim a multiple of 8 up to 128 (compute capability
+  8.x) or 256 (9.0 and later); :func:`resolve` checks them.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -43,20 +51,30 @@ Array = jax.Array
 
 # splash run by the Pallas interpreter (any platform, slow): for exactness tests on the CPU.
 SPLASH_INTERPRET = "splash_interpret"
+# the cudnn path (shard_map, prefix, padding) with JAX's XLA implementation of the same cuDNN call
+# (causal mask plus sequence lengths): for exactness tests of that path on the CPU.
+CUDNN_XLA = "cudnn_xla"
 _AUTO = {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn"}
 BLOCK = 512          # chunked: query/key block (tokens)
 SPLASH_BLOCK = 128   # splash: the kernel's default block; sequences are padded to it
 
 
-def resolve(impl: str, platform: str | None = None, dtype=None) -> str:
+def resolve(impl: str, platform: str | None = None, dtype=None, head_dim: int | None = None,
+            capability: tuple[int, int] | None = None) -> str:
     """The implementation to run on ``platform`` (default: jax's default backend) with compute
-    ``dtype`` (cuDNN flash attention takes 16-bit inputs only: float32 on a GPU runs chunked)."""
+    ``dtype`` and ``head_dim``. cuDNN flash attention needs 16-bit inputs and a head_dim that is
+    a multiple of 8, at most 128 below compute capability 9.0 and 256 from Hopper on
+    (``capability``: given, else the one :func:`gpu_target` sets for a deviceless compile, else
+    the local GPU's): ``auto`` falls back to ``chunked`` and says so on stderr; an explicit
+    ``cudnn`` is a one-line error."""
     platform = (platform or jax.default_backend()).lower()
-    sixteen = dtype is None or jnp.dtype(dtype).itemsize == 2
     if impl == "auto":
         got = _AUTO.get(platform, "chunked")
-        return "chunked" if got == "cudnn" and not sixteen else got
-    if impl == SPLASH_INTERPRET:
+        why = _cudnn_unfit(dtype, head_dim, capability) if got == "cudnn" else None
+        if why and not (dtype is not None and jnp.dtype(dtype).itemsize != 2):  # float32: chunked, silently
+            print(f"attention: auto picks chunked, not cudnn: {why}", file=sys.stderr)
+        return "chunked" if why else got
+    if impl in (SPLASH_INTERPRET, CUDNN_XLA):
         return impl
     if impl not in IMPLS:
         raise UserError(f"model.attention_impl={impl!r} is unknown: choose one of {', '.join(IMPLS)}")
@@ -66,10 +84,60 @@ def resolve(impl: str, platform: str | None = None, dtype=None) -> str:
     if impl == "cudnn" and platform not in ("gpu", "cuda"):
         raise UserError(f"model.attention_impl=cudnn needs NVIDIA GPU devices (these are {platform}): "
                         f"use auto or chunked")
-    if impl == "cudnn" and not sixteen:
-        raise UserError(f"model.attention_impl=cudnn needs a 16-bit compute dtype (not {jnp.dtype(dtype).name}): "
-                        f"set dtype=bfloat16, or use auto or chunked")
+    why = _cudnn_unfit(dtype, head_dim, capability) if impl == "cudnn" else None
+    if why:
+        raise UserError(f"model.attention_impl=cudnn: {why}: use auto or chunked"
+                        + (", or set dtype=bfloat16" if "16-bit" in why else ""))
     return impl
+
+
+def _capability(capability=None) -> tuple[int, int] | None:
+    """Compute capability: given, else the deviceless target's, else the local GPU's, else None."""
+    if capability is not None:
+        return tuple(capability)
+    if _TARGET_CC.get() is not None:
+        return _TARGET_CC.get()
+    try:
+        d = jax.devices()[0]
+        return tuple(int(x) for x in d.compute_capability.split(".")[:2]) if d.platform == "gpu" else None
+    except (RuntimeError, AttributeError, ValueError):
+        return None
+
+
+def _cudnn_unfit(dtype, head_dim, capability) -> str | None:
+    """Why cuDNN flash attention cannot take these inputs (None: it can)."""
+    if dtype is not None and jnp.dtype(dtype).itemsize != 2:
+        return f"cuDNN flash attention needs a 16-bit compute dtype (not {jnp.dtype(dtype).name})"
+    cc = _capability(capability)
+    if cc is not None and cc < (8, 0):
+        return f"cuDNN flash attention needs compute capability 8.0 or later (this GPU: {cc[0]}.{cc[1]})"
+    limit = 256 if cc is None or cc >= (9, 0) else 128
+    if head_dim is not None and (head_dim % 8 or head_dim > limit):
+        on = "" if cc is None else f" on compute capability {cc[0]}.{cc[1]}"
+        return f"head_dim {head_dim} is not a multiple of 8 up to {limit}, as cuDNN flash attention needs{on}"
+    return None
+
+
+_TARGET_CC: contextvars.ContextVar = contextvars.ContextVar("parscale_gpu_target_cc", default=None)
+
+
+@contextlib.contextmanager
+def gpu_target(capability: tuple[int, int]):
+    """Compile for a GPU of ``capability`` (e.g. (9, 0)) from a host without one (``aot``):
+    :func:`resolve` checks against it, and JAX's own cuDNN checks, which otherwise ask the local
+    (CPU) backend and so allow head_dim 128 at most, see it too while the context is open."""
+    from jax._src.cudnn import fused_attention_stablehlo as fa
+
+    cc = tuple(capability)
+    token = _TARGET_CC.set(cc)
+    saved = fa.check_compute_capability, fa.is_cuda_compute_capability_equal
+    fa.check_compute_capability = lambda c: cc >= tuple(int(x) for x in c.split("."))
+    fa.is_cuda_compute_capability_equal = lambda c: cc == tuple(int(x) for x in c.split("."))
+    try:
+        yield cc
+    finally:
+        fa.check_compute_capability, fa.is_cuda_compute_capability_equal = saved
+        _TARGET_CC.reset(token)
 
 
 # ---- entry points used by the model -------------------------------------------------------
@@ -83,8 +151,8 @@ def self_attention(q: Array, k: Array, v: Array, prefix: tuple[Array, Array] | N
     scale = q.shape[-1] ** -0.5
     if impl in ("splash", SPLASH_INTERPRET):
         return splash(q, k, v, prefix, segments, scale, interpret=impl == SPLASH_INTERPRET)
-    if impl == "cudnn":
-        return cudnn(q, k, v, prefix, segments, scale)
+    if impl in ("cudnn", CUDNN_XLA):
+        return cudnn(q, k, v, prefix, segments, scale, kernel="xla" if impl == CUDNN_XLA else "cudnn")
     B, S = q.shape[:2]
     seg = jnp.ones((B, S), jnp.int32) if segments is None else segments.astype(jnp.int32)
     pos = jnp.arange(S, dtype=jnp.int32)
@@ -293,50 +361,80 @@ def splash(q: Array, k: Array, v: Array, prefix, segments, scale: float, interpr
     return jnp.swapaxes(out, 1, 2)[:, :S]
 
 
-def _on_mesh(kernel, qh, kh, vh, qs, ks):
-    """Run a per-device kernel on [B, heads, S, hd] operands: under ``jax.shard_map`` when a mesh
-    of several devices is active (batch over the batch axes that divide it, heads over
-    ``tensor`` when it divides the KV heads, or the query heads after repeating the KV heads)."""
+def _mesh_specs(B: int, nH: int, nKV: int):
+    """(mesh, batch axes spec, heads axis) for running a per-device kernel on [B, ..., heads, ...]
+    operands: batch over the batch axes that divide it, heads over ``tensor`` when it divides
+    the query heads (None: a mesh of one device, run the kernel as it is)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or math.prod(mesh.shape.values()) == 1:
-        return kernel(qh, kh, vh, qs, ks)
-    B, nH, nKV = qh.shape[0], qh.shape[1], kh.shape[1]
+        return None, None, None
     batch = tuple(a for a in S.BATCH_AXES if mesh.shape.get(a, 1) > 1)
     while batch and B % math.prod(mesh.shape[a] for a in batch):
         batch = batch[1:]
     t = mesh.shape.get("tensor", 1)
     heads = "tensor" if t > 1 and nH % t == 0 else None
-    if heads and nKV % t:
-        kh, vh = (jnp.repeat(x, nH // nKV, axis=1) for x in (kh, vh))
-    b = batch if len(batch) > 1 else (batch[0] if batch else None)
+    return mesh, (batch if len(batch) > 1 else (batch[0] if batch else None)), heads
+
+
+def _on_mesh(kernel, qh, kh, vh, qs, ks):
+    """Run a per-device kernel on [B, heads, S, hd] operands: under ``jax.shard_map`` when a mesh
+    of several devices is active (:func:`_mesh_specs`; the KV heads are repeated when ``tensor``
+    divides the query heads but not the KV heads)."""
+    mesh, b, heads = _mesh_specs(qh.shape[0], qh.shape[1], kh.shape[1])
+    if mesh is None:
+        return kernel(qh, kh, vh, qs, ks)
+    if heads and kh.shape[1] % mesh.shape["tensor"]:
+        kh, vh = (jnp.repeat(x, qh.shape[1] // kh.shape[1], axis=1) for x in (kh, vh))
     spec4, spec2 = Pspec(b, heads, None, None), Pspec(b, None)
     return jax.shard_map(kernel, mesh=mesh, in_specs=(spec4, spec4, spec4, spec2, spec2), out_specs=spec4,
                          check_vma=False)(qh, kh, vh, qs, ks)
 
 
 # ---- cudnn (GPU) ------------------------------------------------------------------------------
-def cudnn(q: Array, k: Array, v: Array, prefix, segments, scale: float) -> Array:
-    """cuDNN flash attention; shapes as :func:`self_attention`. Correct by construction (this
-    project's CI has no GPU): T zero queries and the T prefix keys go in front, so the causal
-    mask over T + S is "every prefix key, then the tokens up to the query"; left-padded rows are
-    rolled so their real tokens come first, and their lengths are passed to cuDNN."""
+def cudnn(q: Array, k: Array, v: Array, prefix, segments, scale: float, kernel: str = "cudnn") -> Array:
+    """cuDNN flash attention; shapes as :func:`self_attention`. Runs inside ``jax.shard_map``
+    (batch over the batch axes, heads over ``tensor``; the stream axis joins through the stream
+    vmap's ``spmd_axis_name``), so each GPU's fused call holds only its own rows: left to
+    cuDNN's own partitioning under the stream vmap, q/k/v were all-gathered over the batch.
+    ``kernel="xla"`` runs JAX's XLA implementation of the same call (the CPU tests)."""
     B, S, nH, hd = q.shape
+    nKV = k.shape[2]
+    seg = jnp.ones((B, S), jnp.int32) if segments is None else segments.astype(jnp.int32)
+    pre = () if prefix is None else tuple(p.astype(q.dtype) for p in prefix)
+    body = functools.partial(_cudnn_local, scale=scale, kernel=kernel, padded=segments is not None)
+    mesh, b, heads = _mesh_specs(B, nH, nKV)
+    if mesh is None:
+        return body(q, k, v, seg, *pre)
+    if heads and nKV % mesh.shape["tensor"]:
+        rep = functools.partial(jnp.repeat, repeats=nH // nKV, axis=-2)
+        k, v, pre = rep(k), rep(v), tuple(rep(p) for p in pre)
+    x4, x2, x3 = Pspec(b, None, heads, None), Pspec(b, None), Pspec(None, heads, None)
+    return jax.shard_map(body, mesh=mesh, in_specs=(x4, x4, x4, x2) + (x3,) * len(pre), out_specs=x4,
+                         check_vma=False)(q, k, v, seg, *pre)
+
+
+def _cudnn_local(q, k, v, seg, *prefix, scale: float, kernel: str, padded: bool):
+    """One device's cuDNN call: T zero queries and the T prefix keys go in front, so the causal
+    mask over T + S is "every prefix key, then the tokens up to the query"; left-padded rows are
+    rolled so their real tokens come first, their lengths passed to cuDNN, and rolled back; a
+    padded query's output is set to zero (cuDNN masks it out; see the module docstring)."""
+    B, S = q.shape[:2]
     lengths = None
-    if segments is not None:
-        n_pad = S - jnp.sum(segments.astype(jnp.int32), axis=1)
+    if padded:
+        n_pad = S - jnp.sum(seg, axis=1)
         idx = (jnp.arange(S)[None, :] + n_pad[:, None]) % S  # new slot p holds old slot p + n_pad
         q, k, v = (jnp.take_along_axis(x, idx[:, :, None, None], axis=1) for x in (q, k, v))
         lengths = (S - n_pad).astype(jnp.int32)
     T = 0
-    if prefix is not None:
+    if prefix:
         T = prefix[0].shape[0]
         q = jnp.concatenate([jnp.zeros((B, T) + q.shape[2:], q.dtype), q], axis=1)
         k, v = (jnp.concatenate([jnp.broadcast_to(p.astype(x.dtype), (B,) + p.shape), x], axis=1)
                 for p, x in zip(prefix, (k, v)))
     kw = {} if lengths is None else dict(query_seq_lengths=lengths + T, key_value_seq_lengths=lengths + T)
-    out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="cudnn", **kw)[:, T:]
+    out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation=kernel, **kw)[:, T:]
     if lengths is not None:
         back = (jnp.arange(S)[None, :] - n_pad[:, None]) % S
         out = jnp.take_along_axis(out, back[:, :, None, None], axis=1)
+        out = jnp.where(seg[:, :, None, None] > 0, out, jnp.zeros((), out.dtype))
     return out
-

@@ -114,7 +114,7 @@ def validate(cfg: ModelConfig) -> None:
     if not 0.0 <= float(cfg.parscale_attn_smooth) < 1.0:
         raise ConfigError(
             f"model.parscale_attn_smooth={cfg.parscale_attn_smooth} is invalid: it must lie in [0, 1) (paper: 0.1)")
-    if cfg.attention_impl not in ATTENTION_IMPLS + ("splash_interpret",):
+    if cfg.attention_impl not in ATTENTION_IMPLS + ("splash_interpret", "cudnn_xla"):  # the last two: tests
         raise ConfigError(f"model.attention_impl={cfg.attention_impl!r} is unknown: choose one of "
                           f"{', '.join(ATTENTION_IMPLS)}")
     for name in ("rope_theta", "rms_norm_eps", "initializer_range"):

@@ -416,7 +416,7 @@ def make_model(cfg: ModelConfig, dtype: Any = "float32", remat: str = "none", sc
     """
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat={remat!r}: choose one of {sorted(REMAT_POLICIES)}")
-    cfg = cfg.replace(attention_impl=A.resolve(cfg.attention_impl, platform, _dtype(dtype)))
+    cfg = cfg.replace(attention_impl=A.resolve(cfg.attention_impl, platform, _dtype(dtype), cfg.hd))
     return ParScaleLM(cfg, _dtype(dtype), remat, bool(scan_layers), stream_mesh_axis)
 
 

@@ -150,7 +150,7 @@ def _model(P: int, impl: str):
     return cfg, model, params
 
 
-@pytest.mark.parametrize("impl,P", [(i, 4) for i in IMPLS] + [("chunked", 1)])
+@pytest.mark.parametrize("impl,P", [(i, 4) for i in IMPLS + [A.CUDNN_XLA]] + [("chunked", 1)])
 def test_model_with_left_padding_matches_float64(impl, P):
     cfg, model, params = _model(P, impl)
     tokens = np.asarray(jax.random.randint(jax.random.PRNGKey(1), (2, 9), 0, cfg.vocab_size))
