@@ -29,6 +29,7 @@ from parscale_jax.cli import eval as eval_cli
 from parscale_jax.cli import generate
 from parscale_jax.cli import harness as harness_cli
 from parscale_jax.cli import train as train_cli
+from parscale_jax.data import __main__ as data_cli
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
@@ -51,6 +52,14 @@ EXERCISED = {
         "tests/test_convert.py",
     "python -m parscale_jax.aot --config configs/paper-0.5b.yaml --topology v5p:2x2x2 model.parscale_n=8 "
     "data.seq_len=2048 batch_size=8 mesh.fsdp=8 mesh.data=1": "tests/test_aot.py",
+    "python -m parscale_jax.aot --config configs/paper-1.6b.yaml --topology h100:8 model.parscale_n=8 "
+    "data.seq_len=2048 batch_size=8 mesh.fsdp=8 mesh.data=1": "tests/test_aot_gpu.py",
+    "python -m parscale_jax.aot --config configs/paper-1.6b.yaml --topology v5e:2x2 --decode --batch 1 "
+    "--max-len 2048 model.parscale_n=8 --serve-dtype bfloat16": "tests/test_aot.py",
+    "python -m parscale_jax.data prepare --input corpus/ --out data/corpus --tokenizer bytes --workers 2":
+        "tests/test_prepare.py",
+    "python -m parscale_jax.data inspect data/corpus --verify": "tests/test_prepare.py",
+    "python train.py --workdir runs/mix data.mixture=data/code:0.7,data/text:0.3": "tests/test_mixture_train.py",
     "python -m parscale_jax.scaling fit": "tests/test_scaling.py",
     "python -m parscale_jax.scaling plan --P 1 2 4 8": "tests/test_scaling.py",
 }
@@ -90,6 +99,7 @@ PARSERS = {
     "parscale_jax.tasks": tasks.build_parser,
     "parscale_jax.torch_ref": torch_ref.build_parser,
     "parscale_jax.aot": lambda: _Parse(aot.parse_args),
+    "parscale_jax.data": data_cli.build_parser,
 }
 
 
