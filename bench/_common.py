@@ -25,6 +25,29 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")
 
 
+def aot_command(args: Sequence[str]) -> str:
+    """The shell line of one ``python -m parscale_jax.aot`` compile (for the results' records)."""
+    return " ".join(shlex.quote(a) for a in [".venv/bin/python", "-m", "parscale_jax.aot", *args])
+
+
+def aot_compile(args: Sequence[str], name: str, unavailable_ok: bool = False) -> dict[str, Any]:
+    """One aot compile in a fresh process (its memory is returned when it ends): its JSON report
+    plus ``compile_s`` and ``command``. With ``unavailable_ok`` a one-line user error (exit 2, e.g.
+    a topology aot does not know) gives ``{"unavailable": the line, "command": ...}``."""
+    out = os.path.join(RESULTS, f".{name}.{os.getpid()}.{abs(hash(tuple(args)))}.tmp.json")
+    t = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "parscale_jax.aot", *args, "--json", out], cwd=ROOT,
+                       capture_output=True, text=True)
+    if unavailable_ok and p.returncode == 2:
+        return {"unavailable": (p.stderr.strip().splitlines() or ["error"])[-1], "command": aot_command(args)}
+    if p.returncode != 0:
+        raise SystemExit(f"compile failed: {aot_command(args)}\n{p.stderr[-3000:]}")
+    with open(out) as f:
+        r = json.load(f)
+    os.remove(out)
+    return {**r, "compile_s": time.perf_counter() - t, "command": aot_command(args)}
+
+
 def command_line() -> str:
     """The command that ran this script, relative to the repository root."""
     script = os.path.relpath(os.path.abspath(sys.argv[0]), ROOT)

@@ -22,10 +22,7 @@ import argparse
 import json
 import math
 import os
-import shlex
-import subprocess
 import sys
-import time
 
 import _common as B  # bench/ is the folder of the running script, so its helpers import directly
 
@@ -39,23 +36,9 @@ def aot_args(model: str, P: int, seq: int, topology: str, chips: int, per_chip: 
             f"data.seq_len={seq}", f"batch_size={chips * per_chip}", f"mesh.fsdp={chips}", "mesh.data=1"]
 
 
-def command(args: list[str]) -> str:
-    return " ".join(shlex.quote(a) for a in [".venv/bin/python", "-m", "parscale_jax.aot", *args])
-
-
 def compile_one(args: list[str]) -> dict:
     """One compile in a fresh process (its memory is returned when it ends)."""
-    out = os.path.join(B.RESULTS, f".{NAME}.{abs(hash(tuple(args)))}.tmp.json")
-    t = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "parscale_jax.aot", *args, "--json", out], cwd=B.ROOT,
-                       capture_output=True, text=True)
-    if p.returncode != 0:
-        raise SystemExit(f"compile failed: {command(args)}\n{p.stderr[-3000:]}")
-    with open(out) as f:
-        r = json.load(f)
-    os.remove(out)
-    r["compile_s"] = time.perf_counter() - t
-    return r
+    return B.aot_compile(args, NAME)
 
 
 def row(cache: dict, model: str, P: int, a) -> dict:
@@ -90,7 +73,7 @@ def row(cache: dict, model: str, P: int, a) -> dict:
             "analytic": analytic, "attention_impl": one["attention_impl"], "fits": one["fits"],
             "hbm_bytes": one["hbm_bytes"], "budget_bytes": hbm, "compile_s": one["compile_s"],
             "verified": {str(b): got[b]["per_chip_bytes"]["total"] for b in got if b > 2},
-            "command": command(aot_args(model, P, a.seq, a.topology, chips, 1))}
+            "command": B.aot_command(aot_args(model, P, a.seq, a.topology, chips, 1))}
 
 
 def markdown(rows: list[dict], a) -> str:

@@ -26,10 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
-import subprocess
 import sys
-import time
 
 import numpy as np
 
@@ -59,26 +56,9 @@ def aot_args(topology: str, model: str, P: int, batch: int, serve: str) -> list[
             "--max-len", str(cache_len()), f"model.parscale_n={P}", "dtype=bfloat16", "--serve-dtype", serve]
 
 
-def command(args: list[str]) -> str:
-    return " ".join(shlex.quote(a) for a in [".venv/bin/python", "-m", "parscale_jax.aot", *args])
-
-
 def compile_one(args: list[str]) -> dict:
     """One compile in a fresh process: its report, or {"unavailable": the one-line error}."""
-    out = os.path.join(B.RESULTS, f".{NAME}.{os.getpid()}.tmp.json")
-    t = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "parscale_jax.aot", *args, "--json", out], cwd=B.ROOT,
-                       capture_output=True, text=True)
-    if p.returncode == 2:  # a one-line UserError: e.g. a topology aot does not know (yet)
-        return {"unavailable": (p.stderr.strip().splitlines() or ["error"])[-1], "command": command(args)}
-    if p.returncode != 0:
-        raise SystemExit(f"compile failed: {command(args)}\n{p.stderr[-3000:]}")
-    with open(out) as f:
-        r = json.load(f)
-    os.remove(out)
-    r["compile_s"] = time.perf_counter() - t
-    r["command"] = command(args)
-    return r
+    return B.aot_compile(args, NAME, unavailable_ok=True)
 
 
 def accelerator(topology: str):
