@@ -224,8 +224,10 @@ class ShardWriter:
     the first ``skip`` (already in the finished shards ``done`` of an earlier run). Each shard is
     written to a temporary file, renamed when full, then recorded by a sidecar (``.prepare/NAME.json``)
     holding the manifest entry and ``ctx``: the work item being written and every split's position
-    when it began (where a resumed run can start). Hashing, fsync, rename and sidecar run in one
-    background thread, in order, while the next shard is written; :meth:`close` waits for them."""
+    when it began (where a resumed run can start). Two background threads work while the next shard
+    is written: one hashes (and checks) the pieces in order, the other fsyncs each finished shard,
+    waits for its hash, then renames it and writes its sidecar, in shard order; so a shard's fsync
+    overlaps the hashing of the next. :meth:`close` waits for both."""
 
     MAX_PENDING = 16
 
@@ -235,7 +237,8 @@ class ShardWriter:
         self.shard_tokens, self.done, self.pos = shard_tokens, list(done), pos
         self.skip = sum(int(r["tokens"]) for r in done)
         self.ctx: tuple[int, dict[str, int]] = (0, {})
-        self._f, self._index, self._bg, self._pending = None, len(done), None, collections.deque()
+        self._f, self._index, self._pending = None, len(done), collections.deque()
+        self._threads: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
 
     def add(self, ids: np.ndarray, ends: np.ndarray, check=None, src: tuple[int, int] | None = None) -> None:
         """Append tokens; ``ends``: cumulative end offsets (within ``ids``) of the documents ending in them.
@@ -259,7 +262,10 @@ class ShardWriter:
                 S.copy_range(src[0], self._f.fileno(), src[1] + off * self.dtype.itemsize, data.nbytes)
             else:
                 S.write_all(self._f, memoryview(data).cast("B"))
-            self._submit(_digest, self._state, data, check)
+            if hasattr(os, "posix_fadvise"):  # start writing these pages back now (the fsync waits for less)
+                os.posix_fadvise(self._f.fileno(), self._count * self.dtype.itemsize, data.nbytes,
+                                 os.POSIX_FADV_DONTNEED)
+            self._submit("hash", _digest, self._state, data, check)
             self._count += len(piece)
             off += len(piece)
             if self._count == self.shard_tokens:
@@ -278,16 +284,20 @@ class ShardWriter:
                 fut.result()
             else:
                 fut.exception()
-        if self._bg is not None:
-            self._bg.shutdown(wait=True)
-            self._bg = None
+        for ex in self._threads.values():
+            ex.shutdown(wait=True)
+        self._threads.clear()
 
-    def _submit(self, fn, *args) -> None:
-        if self._bg is None:
-            self._bg = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"prepare-{self.split}")
-        self._pending.append(self._bg.submit(fn, *args))
+    def _submit(self, thread: str, fn, *args) -> concurrent.futures.Future:
+        """Run ``fn(*args)`` on background thread ``thread`` ("hash" or "sync"; each runs its work in order)."""
+        if thread not in self._threads:
+            self._threads[thread] = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix=f"prepare-{self.split}-{thread}")
+        fut = self._threads[thread].submit(fn, *args)
+        self._pending.append(fut)
         while self._pending and (len(self._pending) > self.MAX_PENDING or self._pending[0].done()):
             self._pending.popleft().result()
+        return fut
 
     def _name(self) -> str:
         return f"{self.prefix}-{self._index:05d}"
@@ -303,25 +313,33 @@ class ShardWriter:
         rec = {"file": name + ".bin", "split": self.split, "tokens": self._count, "documents": len(ends),
                "max_id": None, "bytes": self._count * self.dtype.itemsize, "sha256": None,
                "doc_ends": name + ".idx", "_item": self.ctx[0], "_before": dict(self.ctx[1])}
-        self._submit(self._finalize, self._f, self._tmp, self._state, ends, rec)
+        hashed = self._submit("hash", _nothing)  # done when every piece of this shard is hashed
+        self._submit("sync", self._finalize, self._f, self._tmp, self._state, ends, rec, hashed)
         self._f, self._index = None, self._index + 1
 
-    def _finalize(self, f, tmp: str, state: dict, ends: np.ndarray, rec: dict) -> None:
-        """(background) fsync, the .idx, rename into place, then the sidecar that makes the shard count."""
-        if state.get("failed"):
+    def _finalize(self, f, tmp: str, state: dict, ends: np.ndarray, rec: dict, hashed) -> None:
+        """(background) fsync, then (its hash done and good) the .idx, rename into place, then the
+        sidecar that makes the shard count."""
+        try:
+            f.flush()
+            os.fsync(f.fileno())
+            if hasattr(os, "posix_fadvise"):  # written and synced: its pages need not crowd the page cache
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
             f.close()
+        concurrent.futures.wait([hashed])
+        if state.get("failed"):  # a piece failed its check: never renamed, no sidecar
             return
-        f.flush()
-        os.fsync(f.fileno())
-        if hasattr(os, "posix_fadvise"):  # written and synced: its pages need not crowd the page cache
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-        f.close()
         with atomic_file(os.path.join(self.out, rec["doc_ends"]), "wb") as g:
             g.write(ends.tobytes())
         os.replace(tmp, os.path.join(self.out, rec["file"]))
         rec["sha256"], rec["max_id"] = state["sha"].hexdigest(), state["max"]
         write_json(os.path.join(self.out, STATE, rec["file"][:-4] + ".json"), rec, indent=None)
         self.done.append(rec)
+
+
+def _nothing() -> None:
+    """A marker on a background thread: done when everything submitted before it is."""
 
 
 def _digest(state: dict, data: np.ndarray, check) -> None:
