@@ -273,7 +273,8 @@ def compile_decode(cfg, devices, batch: int, max_len: int, serve_dtype: str | No
     params = decode.serving_params(jax.tree.map(
         lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), params,
         S.tree_shardings(M.logical_axes(model), params, mesh)), served)
-    cache = jax.eval_shape(lambda p: M.init_cache(model, p, batch, max_len), params)
+    kv_repeat = S.cache_kv_repeat(m.num_key_value_heads, mesh.shape["tensor"])
+    cache = jax.eval_shape(lambda p: M.init_cache(model, p, batch, max_len, kv_repeat=kv_repeat), params)
     names = {"k": ("activation_stream", None, "activation_batch", None, "activation_kv_heads", None),
              "valid": ("activation_batch", None), "index": ()}
     names["v"] = names["k"]
@@ -290,7 +291,7 @@ def compile_decode(cfg, devices, batch: int, max_len: int, serve_dtype: str | No
         compiled = decode.make_decode_chunk(model, pad_id=0, chunk=1).lower(
             params, cache, token, done, key, step0, sampling, eos).compile()
     return compiled, {"mesh": dict(mesh.shape), "attention_impl": model.cfg.attention_impl, "params": params,
-                      "cache": cache, "serve_dtype": served,
+                      "cache": cache, "serve_dtype": served, "cache_kv_repeat": kv_repeat,
                       "cache_spec": {k: str(a.sharding.spec) for k, a in cache.items()}}
 
 
@@ -407,7 +408,8 @@ def decode_report(cfg, topology: str, devices: list, batch: int, max_len: int,
     analytic["total"] = sum(analytic.values())
     return {"topology": topology, "chips": len(devices), **_fit(topology, per_chip), "mode": "decode",
             "mesh": facts["mesh"], "batch": batch, "max_len": max_len, "serve_dtype": facts["serve_dtype"],
-            "cache_bytes": cache, "cache_spec": facts["cache_spec"], "cache_aliased": per_chip["aliased"] >= cache,
+            "cache_bytes": cache, "cache_spec": facts["cache_spec"], "cache_kv_repeat": facts["cache_kv_repeat"],
+            "cache_aliased": per_chip["aliased"] >= cache,
             # XLA's cost analysis of the compiled step, per chip: it counts a loop body once, so
             # with scanned layers it covers about one layer's share (not the step's traffic)
             "step_cost": {"flops": float(cost.get("flops", 0.0)), "bytes_accessed": float(cost.get("bytes accessed", 0.0))},
@@ -472,7 +474,9 @@ def format_report(r: dict[str, Any]) -> str:
     else:
         lines.append(f"decode step: batch {r['batch']}, cache {r['max_len']} tokens, weights {r['serve_dtype']}, "
                      f"{r['model_flops_per_step']:.3e} model FLOPs/step; cache {g(r['cache_bytes'])} per chip "
-                     f"(k/v {r['cache_spec']['k']}), " + ("aliased (updated in place)" if r["cache_aliased"]
+                     f"(k/v {r['cache_spec']['k']}" + (f", each KV head stored {r['cache_kv_repeat']}x to split "
+                                                        f"over tensor" if r.get("cache_kv_repeat", 1) > 1 else "")
+                     + "), " + ("aliased (updated in place)" if r["cache_aliased"]
                                                           else "NOT aliased"))
     lines.append("per chip (compiled): " + ", ".join(f"{k} {g(v)}" for k, v in pc.items()))
     lines.append("per chip (analytic): " + ", ".join(f"{k} {g(v)}" for k, v in an.items())

@@ -160,6 +160,9 @@ class Attention(nn.Module):
         else:
             # Cache slots: [T prefix entries | tokens]; this call's tokens go after the
             # `cache_index` tokens already there. The prefix entries were written by init_cache.
+            if cache[0].shape[-2] != nKV:  # a cache of repeated KV heads (init_cache's kv_repeat)
+                r = cache[0].shape[-2] // nKV
+                k, v = (_constrain(jnp.repeat(a, r, axis=-2), kv_names) for a in (k, v))
             start = (0, layer, 0, cfg.prefix_len + ctx["cache_index"], 0, 0)
             cache = tuple(jax.lax.dynamic_update_slice(c, a[:, None].astype(c.dtype), start) for c, a in zip(cache, (k, v)))
             ck, cv = (jax.lax.dynamic_index_in_dim(c, layer, axis=1, keepdims=False).astype(self.dtype) for c in cache)
@@ -473,22 +476,29 @@ def count_params(params: Any, non_embedding: bool = False) -> int:
     return total
 
 
-def init_cache(model: ParScaleLM, params: dict, batch_size: int, max_len: int, dtype: Any = None) -> dict:
+def init_cache(model: ParScaleLM, params: dict, batch_size: int, max_len: int, dtype: Any = None,
+               kv_repeat: int = 1) -> dict:
     """An empty KV cache for ``max_len`` tokens. Per stream and layer: T prefix slots, then tokens.
 
-    ``{'k', 'v'}: [P, L, B, T + max_len, nKV, hd]``, ``'valid': [B, T + max_len]`` (which slots
-    hold real tokens; the prefix slots are False), ``'index'``: tokens written so far.
+    ``{'k', 'v'}: [P, L, B, T + max_len, nKV * kv_repeat, hd]``, ``'valid': [B, T + max_len]``
+    (which slots hold real tokens; the prefix slots are False), ``'index'``: tokens written so far.
+    ``kv_repeat`` > 1 stores each KV head ``kv_repeat`` times in a row (head j at j*r .. j*r + r-1,
+    so query head h still reads its group's head): a cache whose heads split evenly over a tensor
+    axis larger than nKV (:func:`sharding.cache_kv_repeat`); the attention is unchanged.
     """
     cfg = model.cfg
     dtype = model.dtype if dtype is None else _dtype(dtype)
     T = cfg.prefix_len
-    shape = (cfg.parscale_n, cfg.num_hidden_layers, batch_size, T + max_len, cfg.num_key_value_heads, cfg.hd)
+    r = int(kv_repeat)
+    shape = (cfg.parscale_n, cfg.num_hidden_layers, batch_size, T + max_len, cfg.num_key_value_heads * r, cfg.hd)
     k = jnp.zeros(shape, dtype)
     v = jnp.zeros(shape, dtype)
     if T:
         # prefix [L, P, nKV, T, hd] -> [P, L, 1, T, nKV, hd] into slots [0, T)
         pk = jnp.transpose(params["prefix"]["k"], (1, 0, 3, 2, 4))[:, :, None].astype(dtype)
         pv = jnp.transpose(params["prefix"]["v"], (1, 0, 3, 2, 4))[:, :, None].astype(dtype)
+        if r > 1:
+            pk, pv = jnp.repeat(pk, r, axis=-2), jnp.repeat(pv, r, axis=-2)
         k = k.at[:, :, :, :T].set(jnp.broadcast_to(pk, shape[:3] + pk.shape[3:]))
         v = v.at[:, :, :, :T].set(jnp.broadcast_to(pv, shape[:3] + pv.shape[3:]))
     return {"k": k, "v": v, "valid": jnp.zeros((batch_size, T + max_len), bool),

@@ -77,6 +77,15 @@ def decode_mesh_shape(mesh_cfg, n_devices: int, heads: int, mlp: int, streams: i
     return {"data": n_devices // (tensor * stream), "fsdp": 1, "stream": stream, "tensor": tensor}
 
 
+def cache_kv_repeat(kv_heads: int, tensor: int) -> int:
+    """How many times a decode cache stores each KV head (``model.init_cache``'s ``kv_repeat``):
+    ``tensor / kv_heads`` when the tensor axis is a multiple of the KV heads and larger, so the
+    cache's heads split evenly (one per chip, each chip the head its query heads read); else 1.
+    Each chip then holds 1/tensor of the cache instead of all of it, and the step needs no
+    per-chip copy of a head (XLA's answer to 2 heads split over 4 chips)."""
+    return tensor // kv_heads if tensor > kv_heads and tensor % kv_heads == 0 else 1
+
+
 def _fmt(sizes: dict[str, int]) -> str:
     return " ".join(f"{a}={v}" for a, v in sizes.items())
 

@@ -100,9 +100,10 @@ def test_decode_default_mesh_shards_weights_served_in_bfloat16(reports):
     assert rc == 0, stderr[-2000:]
     # 4 heads and an MLP of 160 divide by 4: tensor=4 (not data=4, which would replicate the weights)
     assert r["mesh"] == {"data": 1, "fsdp": 1, "stream": 1, "tensor": 4} and r["serve_dtype"] == "bfloat16"
-    # 2 KV heads on tensor=4 are not split: the whole cache on every chip (compute dtype float32):
-    # k and v, 2 streams x 2 layers x 2 rows x (16 prefix + 64) slots x 2 heads x 16
-    cache = 2 * (2 * 2 * 2 * (16 + 64) * 2 * 16 * 4)
+    # 2 KV heads on tensor=4: each stored twice, the 4 split one per chip (compute dtype float32):
+    # k and v, 2 streams x 2 layers x 2 rows x (16 prefix + 64) slots x 1 head x 16
+    assert r["cache_kv_repeat"] == 2 and "'tensor'" in r["cache_spec"]["k"] and "stored 2x" in stdout
+    cache = 2 * (2 * 2 * 2 * (16 + 64) * 1 * 16 * 4)
     assert r["cache_bytes"] == cache + 2 * 80 + 4 and r["per_chip_bytes"]["aliased"] >= r["cache_bytes"]
     from parscale_jax import model as M
     from parscale_jax.config import preset

@@ -110,6 +110,27 @@ def test_cached_steps_match_full_forward(setup):
 
 
 @pytest.mark.slow
+def test_repeated_kv_head_cache_matches_full_forward(setup):
+    """A cache storing each KV head twice (``kv_repeat=2``: the decode layout that splits 2 KV
+    heads over a tensor axis of 4) gives the no-cache forward's logits; its heads are copies."""
+    cfg, model, params, full_logits, gen = setup
+    fed = np.array([[40, 41, 42], [50, 51, 52], [60, 61, 62]], np.int32)
+    buf, bmask, S = _buffer(PROMPTS, TOTAL)
+    buf[:, S:S + 3] = fed
+    step = make_step(model)
+    cache = M.init_cache(model, params, len(PROMPTS), S + 3, kv_repeat=2)
+    assert cache["k"].shape[-2] == 2 * cfg.num_key_value_heads
+    logits, cache = gen.prefill(params, cache, buf[:, :S], bmask[:, :S])
+    for j in range(3):
+        logits, cache = step(params, cache, jnp.asarray(fed[:, j]), jnp.ones(len(PROMPTS), bool))
+    ref = np.asarray(full_logits(params, buf, bmask))  # whole padded sequence, no cache
+    np.testing.assert_allclose(np.asarray(logits), ref[:, S + 2], atol=1e-5, rtol=0)
+    k = np.asarray(cache["k"])
+    np.testing.assert_array_equal(k[..., 0::2, :], k[..., 1::2, :])  # head j at slots 2j and 2j+1
+    assert np.abs(k[..., cfg.prefix_len + S + 2, :, :]).max() > 0  # the last token was written
+
+
+@pytest.mark.slow
 def test_reorder_cache_moves_all_streams(setup):
     cfg, model, params, full_logits, gen = setup
     order = np.array([2, 0, 0])
