@@ -60,7 +60,7 @@ def row(cache: dict, model: str, P: int, a) -> dict:
     from parscale_jax import aot  # the analytic estimate of this checkout (no compile)
 
     analytic = aot.analytic_train_bytes(aot.resolve_config(f"configs/{model}.yaml", aot_args(
-        model, P, a.seq, a.topology, chips, 1)[4:]), one["mesh"])
+        model, P, a.seq, a.topology, chips, 1)[4:]), one["mesh"], "gpu" if aot.is_gpu(a.topology) else "tpu")
     per_seq = two["per_chip_bytes"]["total"] - one["per_chip_bytes"]["total"] if two else None
     hbm = one.get("budget_bytes", one["hbm_bytes"])
     largest = None

@@ -328,21 +328,25 @@ def state_bytes(cfg, mesh_shape: dict[str, int]) -> dict[str, int]:
     return out
 
 
-def analytic_train_bytes(cfg, mesh_shape: dict[str, int]) -> dict[str, int]:
+def analytic_train_bytes(cfg, mesh_shape: dict[str, int], platform: str = "tpu") -> dict[str, int]:
     """This project's estimate of a training step's bytes per chip, by part (remat=full).
 
     params: float32, sharded (fsdp, tensor, stream). optimizer: Adam's two moments of the
     trainable params. gradients: one float32 copy of them. saved_activations: the scanned
     layers keep each layer's input, [P, b, S, H] in the compute dtype (b = sequences per chip,
     P over mesh.stream). layer_working_set: the layer being recomputed and differentiated: its
-    weights gathered in the compute dtype plus their float32 gradients, and about 14
-    [P, b, S, max(H, I)]-sized compute-dtype intermediates (q/k/v/o, norms, gate/up/down and
-    their gradients); attention (splash, chunked) adds only blocks. loss: one chunk's float32
-    logits per sequence (XLA fuses the softmax and its gradient into that buffer), the LM head
-    gathered in the compute dtype, and the per-stream final states (float32 in the gate) with
-    their gradients. Not counted: on some meshes XLA also keeps the head's float32 gradient as a
-    per-chip partial sum over the chunks (H x V x 4 bytes; 519 MiB at H=896 on v5p:2x2x2).
-    Calibrated against the compiled paper backbones (bench/aot_memory.py): within 1.3x.
+    weights gathered in the compute dtype plus their float32 gradients, and n [P, b, S,
+    max(H, I)]-sized compute-dtype intermediates (q/k/v/o, norms, gate/up/down and their
+    gradients): n = 14 on TPU; attention (splash, chunked) adds only blocks. loss: one chunk's
+    float32 logits per sequence (XLA fuses the softmax and its gradient into that buffer), the
+    LM head gathered in the compute dtype, and the per-stream final states (float32 in the gate)
+    with their gradients. head_gradient: on GPU (``platform`` "gpu"/"cuda") XLA keeps the LM
+    head's float32 gradient as a per-chip partial sum over the loss chunks (H x V x 4 bytes /
+    tensor), and with cuDNN's fused attention and XLA:GPU's fusions only n = 2 of the layer's
+    intermediates are live at the peak. On TPU the head's partial sum appears on some meshes
+    only (519 MiB at H=896 on v5p:2x2x2) and is not counted.
+    Calibrated against the compiled paper backbones (bench/aot_memory.py): within 1.3x on TPU,
+    1.00-1.09x on h100 / h100:8 (37 programs, seq 2048 and 4096, P = 1-8).
     """
     m = cfg.model
     item = 2 if cfg.dtype == "bfloat16" else 4
@@ -353,6 +357,8 @@ def analytic_train_bytes(cfg, mesh_shape: dict[str, int]) -> dict[str, int]:
     t = mesh_shape["tensor"]
     nH, nKV, hd = m.num_attention_heads, m.num_key_value_heads, m.hd
     layer_params = H * (nH + 2 * nKV) * hd + nH * hd * H + 3 * H * I
+    gpu = platform.lower() in ("gpu", "cuda")
+    n = 2 if gpu else 14
 
     c = min(CHUNK, S)
     st = state_bytes(cfg, mesh_shape)
@@ -361,8 +367,9 @@ def analytic_train_bytes(cfg, mesh_shape: dict[str, int]) -> dict[str, int]:
         "optimizer": 2 * st["trainable"],
         "gradients": st["trainable"],
         "saved_activations": L * P * b * S * H * item,
-        "layer_working_set": layer_params // t * (item + 4) + 14 * P * b * S * max(H, I // t) * item,
+        "layer_working_set": layer_params // t * (item + 4) + n * P * b * S * max(H, I // t) * item,
         "loss": b * c * V // t * 4 + H * V // t * item + P * b * S * H * (4 + 4 + item),
+        "head_gradient": H * V * 4 // t if gpu else 0,
     }
     out["total"] = sum(out.values())
     return out
@@ -392,7 +399,7 @@ def train_report(cfg, topology: str, devices: list) -> dict[str, Any]:
             "per_chip_bytes": per_chip, **program_counts(_hlo(compiled)),
             "attention_impl": facts["attention_impl"],
             "model_flops_per_step": F.train_flops_per_token(cfg.model, seq) * cfg.batch_size * seq,
-            "analytic_bytes": analytic_train_bytes(cfg, facts["mesh"])}
+            "analytic_bytes": analytic_train_bytes(cfg, facts["mesh"], _platform(devices))}
 
 
 def decode_report(cfg, topology: str, devices: list, batch: int, max_len: int,

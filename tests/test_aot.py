@@ -76,7 +76,7 @@ def test_train_step_compiles_for_v5e_and_counts_the_sharded_state(reports):
     assert r["model_flops_per_step"] > 6 * M.count_params(M.abstract_params(M.make_model(cfg)),
                                                           non_embedding=True) * 8 * 128
     assert set(r["analytic_bytes"]) == {"params", "optimizer", "gradients", "saved_activations",
-                                        "layer_working_set", "loss", "total"}
+                                        "layer_working_set", "loss", "head_gradient", "total"}
     assert "fits" in stdout and "per chip (compiled)" in stdout
 
 
