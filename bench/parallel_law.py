@@ -7,7 +7,7 @@
 A controlled miniature of the paper's method (issue 24). Every run is ``parscale_jax.runner.train``
 on ``configs/tiny.yaml`` (byte tokenizer, the default corpus: this interpreter's standard library,
 seq_len 128) with the same steps, batch, learning-rate schedule, data order and seeds; only the
-model changes: 150 steps x 16 x 128 = 307,200 tokens. The base backbone has 4 layers (H=32,
+model changes: 600 steps x 16 x 128 = 1,228,800 tokens (20.9 per base-model parameter). The base backbone has 4 layers (H=32,
 I=88, 4/2 heads; 58,912 parameters); the ParScale runs put P = 2, 4, 8 streams on it with 8 prefix
 tokens per layer (not the paper's 48, which at H=32 would add more than the backbone's own
 non-embedding parameters at P=8); the dense controls are P = 1 models about 1.25x, 1.5x, 2x and
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     ap.add_argument("--run", choices=sorted(CELLS), help="run one cell alone; print its record as one JSON line")
     ap.add_argument("--seed", type=int, default=0, help="seed of --run (init and data order)")
     ap.add_argument("--analyze-only", action="store_true", help="no training: analyse the finished runs")
-    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--limit", type=int, default=0, help="run only the first N runs of the grid's order")
     ap.add_argument("--bootstrap", type=int, default=400, help="bootstrap resamples for the intervals")
