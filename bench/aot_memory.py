@@ -166,7 +166,9 @@ def gpu_sections(cache: dict, a) -> list[tuple[str, list[dict]]]:
     out = []
     groups = sorted({(k.split("/")[3], int(k.split("/")[2][3:])) for k in cache}, key=lambda t: (-len(t[0]), t))
     for topology, seq in groups:
+        # from the cache alone: every cached 2-sequence compile counts, whatever this run's --no-slope
         b = argparse.Namespace(**{**vars(a), "topology": topology, "seq": seq, "cached_only": True, "verify_at": {},
+                                  "no_slope": False,
                                   "chips": math.prod(aot.parse_topology(topology)[1])})
         rows = [r for m in MODELS for P in (1, 2, 4, 8) if (r := row(cache, m, P, b)) is not None]
         if rows:
