@@ -177,6 +177,23 @@ BACKBONES = {
 }
 
 
+def train_fresh(cfg: Any, workdir: str, verbose: bool = False) -> tuple[dict, Any, float]:
+    """Train ``cfg`` from scratch in ``workdir`` (emptied first): (the run's summary dict, its
+    final params, wall seconds). An interrupted run raises KeyboardInterrupt."""
+    import shutil
+    import time
+
+    from parscale_jax import loading, runner
+
+    shutil.rmtree(workdir, ignore_errors=True)
+    t0 = time.time()
+    summary = runner.train(cfg, workdir, verbose=verbose).to_dict()
+    wall = time.time() - t0
+    if summary.get("interrupted"):
+        raise KeyboardInterrupt
+    return summary, loading.load(workdir)[1], wall
+
+
 def save_figure(fig: Any, path: str) -> None:
     """Tight layout, write the PNG, free the figure."""
     import matplotlib.pyplot as plt

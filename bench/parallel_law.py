@@ -84,19 +84,13 @@ def run_cell(args, cell: str, seed: int) -> dict:
     rec = cached(args, cell, seed)
     if rec is not None:
         return rec
-    from parscale_jax import loading, runner, train_config
+    from parscale_jax import train_config
     from parscale_jax import model as M
 
     over = overrides(args, cell, seed)
     cfg = train_config.load(args.config, over)
     wd = os.path.join(args.workdir, f"{cell}_s{seed}")
-    shutil.rmtree(wd, ignore_errors=True)
-    t0 = time.time()
-    s = runner.train(cfg, wd, verbose=args.verbose).to_dict()
-    wall = time.time() - t0
-    if s.get("interrupted"):
-        raise KeyboardInterrupt
-    params = loading.load(wd)[1]
+    s, params, wall = B.train_fresh(cfg, wd, args.verbose)
     H, I, L, P = CELLS[cell]
     total = M.count_params(params)
     bb = M.count_params({"backbone": params["backbone"]})

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 
@@ -45,9 +44,8 @@ def parse_sizes(text: str) -> list[tuple[int, int, int]]:
 
 
 def run_one(args, H: int, I: int, L: int, P: int) -> dict:
-    from parscale_jax import loading
     from parscale_jax import model as M
-    from parscale_jax import runner, train_config
+    from parscale_jax import train_config
 
     name = f"H{H}_I{I}_L{L}_P{P}"
     wd = os.path.join(args.workdir, name)
@@ -63,14 +61,8 @@ def run_one(args, H: int, I: int, L: int, P: int) -> dict:
         if rec.get("overrides") == over:
             B.log(f"== {name}: reusing {done}")
             return rec
-    shutil.rmtree(wd, ignore_errors=True)
     B.log(f"== {name}: {cfg.steps} steps x {cfg.batch_size} x {cfg.data.seq_len} tokens -> {wd}")
-    t0 = time.time()
-    s = runner.train(cfg, wd, verbose=args.verbose).to_dict()
-    wall = time.time() - t0
-    if s.get("interrupted"):
-        raise KeyboardInterrupt
-    params = loading.load(wd)[1]
+    s, params, wall = B.train_fresh(cfg, wd, args.verbose)
     rec = {"run": name, "H": H, "I": I, "L": L, "P": P, "overrides": over,
            "params": M.count_params(params),
            "non_embedding": M.count_params(params, non_embedding=True),
