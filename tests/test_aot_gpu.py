@@ -86,6 +86,11 @@ def test_gpu_report_and_budget(reports):
     pc = r["per_chip_bytes"]
     assert pc["total"] == pc["arguments"] + pc["outputs"] - pc["aliased"] + pc["temporaries"] + pc["generated_code"]
     assert reports["hosts"][0]["chips"] == 16
+    # the estimate is the GPU one: it counts the LM head's float32 gradient partial sum (H x V x 4)
+    from parscale_jax.config import preset
+
+    tiny = preset("tiny")
+    assert r["analytic_bytes"]["head_gradient"] == tiny.hidden_size * tiny.vocab_size * 4
 
 
 def test_gpu_topology_names_and_specs():
