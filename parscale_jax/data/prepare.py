@@ -224,10 +224,8 @@ class ShardWriter:
     the first ``skip`` (already in the finished shards ``done`` of an earlier run). Each shard is
     written to a temporary file, renamed when full, then recorded by a sidecar (``.prepare/NAME.json``)
     holding the manifest entry and ``ctx``: the work item being written and every split's position
-    when it began (where a resumed run can start). Two background threads work while the next shard
-    is written: one hashes (and checks) the pieces in order, the other fsyncs each finished shard,
-    waits for its hash, then renames it and writes its sidecar, in shard order; so a shard's fsync
-    overlaps the hashing of the next. :meth:`close` waits for both."""
+    when it began (where a resumed run can start). Background threads, each in order: "hash" hashes
+    and checks pieces, "sync" fsyncs a full shard, waits for its hash, renames it, writes its sidecar."""
 
     MAX_PENDING = 16
 
@@ -262,7 +260,7 @@ class ShardWriter:
                 S.copy_range(src[0], self._f.fileno(), src[1] + off * self.dtype.itemsize, data.nbytes)
             else:
                 S.write_all(self._f, memoryview(data).cast("B"))
-            if hasattr(os, "posix_fadvise"):  # start writing these pages back now (the fsync waits for less)
+            if hasattr(os, "posix_fadvise"):  # start the writeback now (the fsync waits for less)
                 os.posix_fadvise(self._f.fileno(), self._count * self.dtype.itemsize, data.nbytes,
                                  os.POSIX_FADV_DONTNEED)
             self._submit("hash", _digest, self._state, data, check)
@@ -280,19 +278,14 @@ class ShardWriter:
     def drain(self, raise_errors: bool = True) -> None:
         while self._pending:
             fut = self._pending.popleft()
-            if raise_errors:
-                fut.result()
-            else:
-                fut.exception()
+            fut.result() if raise_errors else fut.exception()
         for ex in self._threads.values():
             ex.shutdown(wait=True)
         self._threads.clear()
 
     def _submit(self, thread: str, fn, *args) -> concurrent.futures.Future:
-        """Run ``fn(*args)`` on background thread ``thread`` ("hash" or "sync"; each runs its work in order)."""
         if thread not in self._threads:
-            self._threads[thread] = concurrent.futures.ThreadPoolExecutor(
-                1, thread_name_prefix=f"prepare-{self.split}-{thread}")
+            self._threads[thread] = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"prepare-{thread}")
         fut = self._threads[thread].submit(fn, *args)
         self._pending.append(fut)
         while self._pending and (len(self._pending) > self.MAX_PENDING or self._pending[0].done()):
@@ -313,20 +306,16 @@ class ShardWriter:
         rec = {"file": name + ".bin", "split": self.split, "tokens": self._count, "documents": len(ends),
                "max_id": None, "bytes": self._count * self.dtype.itemsize, "sha256": None,
                "doc_ends": name + ".idx", "_item": self.ctx[0], "_before": dict(self.ctx[1])}
-        hashed = self._submit("hash", _nothing)  # done when every piece of this shard is hashed
+        hashed = self._submit("hash", lambda: None)  # done when every piece of this shard is hashed
         self._submit("sync", self._finalize, self._f, self._tmp, self._state, ends, rec, hashed)
         self._f, self._index = None, self._index + 1
 
     def _finalize(self, f, tmp: str, state: dict, ends: np.ndarray, rec: dict, hashed) -> None:
-        """(background) fsync, then (its hash done and good) the .idx, rename into place, then the
-        sidecar that makes the shard count."""
-        try:
-            f.flush()
-            os.fsync(f.fileno())
+        """(background) fsync; then, its hash done and good, the .idx, rename, the sidecar."""
+        with f:
+            os.fsync(f.fileno())  # unbuffered: nothing to flush
             if hasattr(os, "posix_fadvise"):  # written and synced: its pages need not crowd the page cache
                 os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            f.close()
         concurrent.futures.wait([hashed])
         if state.get("failed"):  # a piece failed its check: never renamed, no sidecar
             return
@@ -336,10 +325,6 @@ class ShardWriter:
         rec["sha256"], rec["max_id"] = state["sha"].hexdigest(), state["max"]
         write_json(os.path.join(self.out, STATE, rec["file"][:-4] + ".json"), rec, indent=None)
         self.done.append(rec)
-
-
-def _nothing() -> None:
-    """A marker on a background thread: done when everything submitted before it is."""
 
 
 def _digest(state: dict, data: np.ndarray, check) -> None:
