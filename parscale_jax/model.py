@@ -124,8 +124,8 @@ class Attention(nn.Module):
 
     ``x``: [P*B*S, H] rows or [P, B, S, H] (see :func:`rows_layout`); returns the same layout.
     ``prefix_kv``: this layer's (k, v) [P, nKV, T, hd] or None. ``cache``: the whole cache (k, v)
-    [P, L, B, T + max_len, nKV, hd] or None; this call's keys/values are written into layer
-    ``layer``'s slots in place and the updated cache is returned.
+    [P, L, B, T + max_len, nKV x r, hd] (r: init_cache's kv_repeat) or None; this call's
+    keys/values are written into layer ``layer``'s slots in place and the updated cache is returned.
     """
 
     cfg: ModelConfig

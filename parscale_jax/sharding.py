@@ -67,7 +67,7 @@ def decode_mesh_shape(mesh_cfg, n_devices: int, heads: int, mlp: int, streams: i
     the largest divisor of the device count that divides the attention heads and the MLP width
     (weights split over heads, MLP and vocabulary), then ``stream`` = the largest divisor of the
     devices left that divides P (the streams' prefixes, cache and compute split), ``data`` the
-    rest (batch rows). KV heads fewer than ``tensor`` are replicated (see docs/accelerators.md)."""
+    rest (batch rows). KV heads fewer than ``tensor``: see :func:`cache_kv_repeat`."""
     sizes = {a: int(getattr(mesh_cfg, a)) for a in AXES}
     if sizes != DEFAULT_MESH:
         return mesh_shape(mesh_cfg, n_devices)
